@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Anything raised as a :class:`UserError` is a mistake the user can fix (a bad key, a bad
+path, a malformed row). The command-line entry points print its message as one line and
+exit with status 2 instead of showing a traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message names the key, file, row or value."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A bad configuration key, type or value."""
+
+
+class DataError(UserError):
+    """A bad dataset, file or row, or data that leaves nothing to train on."""

@@ -1,0 +1,174 @@
+"""The fork-gated objective: a contrastive term at forks plus a KL anchor elsewhere.
+
+    L = sum_{t in F} w_t * (-log pi_theta(y_t)) / |F|  +  beta * sum_{t in N} KL(base || theta)_t / |N|
+
+F are the gated (fork) completion positions, N the other completion positions, and w_t
+the rollout's advantage. Pure functions; shapes: B batch, T completion positions,
+V vocabulary, K cached top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LossVariant = Literal["signed", "positive_only", "hinge", "split"]
+LOSS_VARIANTS: tuple[str, ...] = ("signed", "positive_only", "hinge", "split")
+
+
+def gather_logprobs(
+    logits: torch.Tensor, target_ids: torch.Tensor, topk_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of chosen tokens without materialising a (B, T, V) log-softmax.
+
+    Args:
+        logits: (B, T, V) policy logits.
+        target_ids: (B, T) sampled tokens.
+        topk_ids: (B, T, K) token ids whose log-probs are also wanted (the base top-k).
+
+    Returns:
+        (B, T) log p(target) in fp32, and (B, T, K) log p(topk_ids) or None.
+    """
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
+    logp = logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1).float() - lse
+    topk_logp = None
+    if topk_ids is not None:
+        topk_logp = logits.gather(-1, topk_ids.long()).float() - lse.unsqueeze(-1)
+    return logp, topk_logp
+
+
+def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary KL(base || policy) per position.
+
+    Args:
+        base_logits, policy_logits: (B, T, V).
+
+    Returns:
+        (B, T) KL in nats (gradient flows into ``policy_logits`` only if it requires it).
+    """
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    policy_logp = torch.log_softmax(policy_logits.float(), dim=-1)
+    return F.kl_div(policy_logp, base_logp, log_target=True, reduction="none").sum(-1)
+
+
+def topk_kl(base_topk_logp: torch.Tensor, policy_topk_logp: torch.Tensor) -> torch.Tensor:
+    """KL(base || policy) on the base's top-k tokens plus one bucket for the rest.
+
+    This is the exact KL between the two distributions coarsened to K + 1 outcomes, so it
+    is never above the full KL and equals it when the base's mass outside its top-k is
+    ~0 (the usual case at k = 64).
+
+    Args:
+        base_topk_logp: (B, T, K) base log-probs of its own top-k tokens (cached).
+        policy_topk_logp: (B, T, K) policy log-probs of the same tokens.
+
+    Returns:
+        (B, T) KL in nats.
+    """
+    base_p = base_topk_logp.float().exp()
+    head = (base_p * (base_topk_logp.float() - policy_topk_logp)).sum(-1)
+    base_tail = (1.0 - base_p.sum(-1)).clamp_min(0.0)
+    policy_head = policy_topk_logp.exp().sum(-1).clamp(max=1.0 - 1e-6)
+    policy_log_tail = torch.log1p(-policy_head)
+    tail = torch.where(
+        base_tail > 0,
+        base_tail * (torch.log(base_tail.clamp_min(1e-30)) - policy_log_tail),
+        torch.zeros_like(base_tail),
+    )
+    return head + tail
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask``; 0 (not nan) on an empty mask; keeps the graph."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def fork_gated_loss(
+    policy_logp: torch.Tensor,
+    base_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    fork_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    kl: torch.Tensor,
+    *,
+    kl_coef: float,
+    variant: LossVariant = "signed",
+    neg_prob_floor: float = 0.05,
+    hinge_margin: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The fork-gated contrastive loss with a KL anchor at non-fork positions.
+
+    Args:
+        policy_logp: (B, T) log pi_theta of the sampled tokens (requires grad).
+        base_logp: (B, T) log pi_base of the same tokens (no grad).
+        advantages: (B,) per-rollout advantage, > 0 for better-than-average rollouts.
+        fork_mask: (B, T) bool, the gated positions (subset of the completion).
+        completion_mask: (B, T) 1 at completion tokens.
+        kl: (B, T) per-position KL(base || theta) (requires grad), exact or top-k.
+        kl_coef: beta, the weight of the anchor.
+        variant: ``signed`` (advantage-signed, normalised by |F|); ``positive_only``
+            (only forks of A > 0 rollouts, normalised by their count: gated SFT);
+            ``hinge`` (|A| * relu(margin - sign(A) * (log pi_theta - log pi_base)):
+            stops pushing once the log-ratio passed the margin); ``split`` (positive and
+            negative forks normalised separately, then added).
+        neg_prob_floor: for ``signed``/``split``: a negative-advantage fork whose token
+            probability under the policy is already below this gets no more push-down.
+            The paper's form has no floor and the loss runs to -inf; this bounds it below
+            by -max|A| * log(1 / floor).
+        hinge_margin: the margin of ``hinge`` in nats.
+
+    Returns:
+        The scalar loss and a dict of float statistics (see the keys at the end).
+    """
+    if variant not in LOSS_VARIANTS:
+        raise ValueError(f"unknown loss variant {variant!r}; expected one of {LOSS_VARIANTS}")
+    completion = completion_mask.bool()
+    forks = fork_mask.bool() & completion
+    nonforks = completion & ~forks
+    adv = advantages.float().unsqueeze(-1).expand_as(policy_logp)
+    pos_forks = forks & (adv > 0)
+    neg_forks = forks & (adv < 0)
+    n_forks = forks.sum()
+
+    with torch.no_grad():
+        floored = neg_forks & (policy_logp.exp() < neg_prob_floor)
+    active_neg = neg_forks & ~floored
+    nll = -policy_logp
+
+    if variant == "signed":
+        weight = torch.where(pos_forks | active_neg, adv, torch.zeros_like(adv))
+        fork_term = (weight * nll).sum() / n_forks.clamp_min(1)
+    elif variant == "positive_only":
+        fork_term = _masked_mean(adv * nll, pos_forks)
+    elif variant == "split":
+        fork_term = _masked_mean(adv * nll, pos_forks) + _masked_mean(adv * nll, active_neg)
+    else:  # hinge
+        log_ratio = policy_logp - base_logp.float()
+        hinge = torch.relu(hinge_margin - torch.sign(adv) * log_ratio) * adv.abs()
+        fork_term = _masked_mean(hinge, forks)
+
+    kl_term = _masked_mean(kl, nonforks)
+    loss = fork_term + kl_coef * kl_term
+
+    with torch.no_grad():
+        dlogp = policy_logp - base_logp.float()
+        n_completion = completion.sum().clamp_min(1)
+        stats = {
+            "loss": loss.item(),
+            "fork_term": fork_term.item(),
+            "kl_term": kl_term.item(),
+            "fork_fraction": (n_forks / n_completion).item(),
+            "forks": n_forks.item(),
+            "forks_correct": pos_forks.sum().item(),
+            "forks_wrong": neg_forks.sum().item(),
+            "forks_floored": floored.sum().item(),
+            "no_fork": float(n_forks.item() == 0),
+            "dlogp_pos_forks": _masked_mean(dlogp, pos_forks).item(),
+            "dlogp_neg_forks": _masked_mean(dlogp, neg_forks).item(),
+            "kl_fork_mean": _masked_mean(kl, forks).item(),
+            "kl_nonfork_mean": _masked_mean(kl, nonforks).item(),
+        }
+    return loss, stats

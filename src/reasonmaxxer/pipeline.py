@@ -1,0 +1,250 @@
+"""The offline recipe as stages: problems -> rollouts -> scoring -> selection -> training.
+
+Each stage writes under the run folder and records ``stages/<name>.json`` with the
+fingerprint of everything its output depends on (its settings and its inputs'
+fingerprints). A rerun skips a stage whose fingerprint is unchanged and resumes one
+that was interrupted; a stage whose settings changed starts over (and so does all that
+follows it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config
+from .errors import ConfigError, DataError
+from .problems import Problem
+from .storage import atomic_write_json, atomic_write_text, fingerprint, read_json, read_jsonl_resumable, write_jsonl
+from .tracking import Tracker, redact
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("problems", "rollouts", "scoring", "selection", "training")
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    summary: dict[str, Any]
+    seconds: float
+    skipped: bool
+
+    def line(self) -> str:
+        status = "skipped (unchanged)" if self.skipped else f"{self.seconds:7.1f} s"
+        parts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.summary.items())
+        return f"{self.name:<10} {status:>20}  {parts}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Pipeline:
+    """One run of the recipe, rooted at ``cfg.output_dir``."""
+
+    def __init__(self, cfg: Config, *, progress: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.progress = progress
+        self._model = None
+        self._tokenizer = None
+        self.tracker: Tracker | None = None
+
+    # ------------------------------------------------------------------ paths & state
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def _state_path(self, stage: str) -> Path:
+        return self.path("stages") / f"{stage}.json"
+
+    def state(self, stage: str) -> dict[str, Any] | None:
+        p = self._state_path(stage)
+        return read_json(p) if p.exists() else None
+
+    def fingerprints(self) -> dict[str, str]:
+        """What each stage's output depends on, chained through its inputs."""
+        c = self.cfg.to_dict()
+        fp: dict[str, str] = {}
+        fp["problems"] = fingerprint({"data": c["data"], "seed": c["seed"]})
+        fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
+                                      "rollout": c["rollout"], "seed": c["seed"]})
+        fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
+                                     "temperature": self.entropy_temperature})
+        fp["selection"] = fingerprint({"up": fp["rollouts"], "selection": c["selection"]})
+        fp["training"] = fingerprint({"up": [fp["selection"], fp["scoring"]], "gate": c["gate"], "loss": c["loss"],
+                                      "lora": c["lora"], "training": c["training"], "seed": c["seed"]})
+        return fp
+
+    @property
+    def entropy_temperature(self) -> float:
+        t = self.cfg.scoring.entropy_temperature
+        return self.cfg.rollout.temperature if t is None else t
+
+    # ------------------------------------------------------------------ model
+    def model_and_tokenizer(self) -> tuple[Any, Any]:
+        if self._model is None:
+            from .modeling import load_model, load_tokenizer
+
+            m = self.cfg.model
+            self._tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
+            self._model = load_model(m.name_or_path, dtype=m.dtype, device=m.device,
+                                     trust_remote_code=m.trust_remote_code)
+            self._model.eval()
+        return self._model, self._tokenizer
+
+    # ------------------------------------------------------------------ running
+    def run(self, only: str | None = None) -> list[StageResult]:
+        if only is not None and only not in STAGES:
+            raise ConfigError(f"--stage: unknown stage '{only}'; stages are {', '.join(STAGES)}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path("config.yaml"), yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False))
+        fps = self.fingerprints()
+        self.tracker = Tracker(self.cfg, self.run_dir)
+        results = []
+        try:
+            for stage in STAGES:
+                if only is not None and stage != only:
+                    continue
+                if only is not None:
+                    self._require_upstream(stage, fps)
+                results.append(self._run_stage(stage, fps[stage]))
+        finally:
+            self.tracker.finish()
+        return results
+
+    def _require_upstream(self, stage: str, fps: dict[str, str]) -> None:
+        needs = {"rollouts": ["problems"], "scoring": ["rollouts"], "selection": ["rollouts"],
+                 "training": ["selection", "scoring"]}.get(stage, [])
+        for up in needs:
+            st = self.state(up)
+            if st is None or st.get("fingerprint") != fps[up] or not st.get("done"):
+                raise DataError(f"--stage {stage}: stage '{up}' has not run with this config in {self.run_dir}; "
+                                f"run `--stage {up}` first, or all stages without --stage")
+
+    def _run_stage(self, stage: str, fp: str) -> StageResult:
+        state = self.state(stage)
+        if state is not None and state.get("fingerprint") == fp and state.get("done"):
+            return StageResult(stage, state["summary"], state["seconds"], skipped=True)
+        if state is not None and state.get("fingerprint") != fp:
+            self._clear_outputs(stage)  # settings changed: what is there belongs to another config
+        atomic_write_json(self._state_path(stage), {"fingerprint": fp, "done": False})
+        start = time.perf_counter()
+        summary = getattr(self, f"stage_{stage}")()
+        seconds = time.perf_counter() - start
+        atomic_write_json(self._state_path(stage),
+                          {"fingerprint": fp, "done": True, "summary": summary, "seconds": seconds})
+        if self.tracker is not None:
+            self.tracker.summary(stage, {**summary, "seconds": seconds})
+        return StageResult(stage, summary, seconds, skipped=False)
+
+    _OUTPUTS = {"problems": ["problems.jsonl"], "rollouts": ["rollouts.jsonl"], "scoring": ["scores"],
+                "selection": ["selection.jsonl"], "training": ["checkpoints", "adapter", "train_log.json"]}
+
+    def _clear_outputs(self, stage: str) -> None:
+        for name in self._OUTPUTS[stage]:
+            p = self.path(name)
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    # ------------------------------------------------------------------ stages
+    def stage_problems(self) -> dict[str, Any]:
+        train, heldout = load_problems(self.cfg)
+        rows = [{**dataclasses.asdict(p), "split": "train"} for p in train]
+        rows += [{**dataclasses.asdict(p), "split": "heldout"} for p in heldout]
+        write_jsonl(self.path("problems.jsonl"), rows)
+        return {"train": len(train), "heldout": len(heldout)}
+
+    def problems(self, split: str) -> list[Problem]:
+        fields = {f.name for f in dataclasses.fields(Problem)}
+        rows = read_jsonl_resumable(self.path("problems.jsonl"))
+        return [Problem(**{k: v for k, v in r.items() if k in fields}) for r in rows if r["split"] == split]
+
+    def stage_rollouts(self) -> dict[str, Any]:
+        from .rollouts import run_rollouts
+
+        model, tokenizer = self.model_and_tokenizer()
+        return run_rollouts(model, tokenizer, self.problems("train"), self.cfg.data, self.cfg.rollout,
+                            self.path("rollouts.jsonl"), seed=self.cfg.seed, progress=self.progress)
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return read_jsonl_resumable(self.path("rollouts.jsonl"))
+
+    def stage_scoring(self) -> dict[str, Any]:
+        from .scoring import load_scores, score_rollouts
+
+        model, tokenizer = self.model_and_tokenizer()
+        rollouts = self.rollouts()
+        summary = score_rollouts(
+            model, rollouts, self.path("scores"), pad_id=tokenizer.pad_token_id,
+            batch_size=self.cfg.scoring.batch_size, top_k=self.cfg.scoring.top_k,
+            chunk_size=self.cfg.scoring.chunk_size, entropy_temperature=self.entropy_temperature,
+            progress=self.progress,
+        )
+        import torch
+
+        entropy = torch.cat([s["entropy"] for s in load_scores(self.path("scores")).values()])
+        summary.pop("seconds")
+        summary.update({
+            "tokens": int(entropy.numel()),
+            "entropy_median": float(entropy.median()),
+            "entropy_p90": float(entropy.quantile(0.9)),
+            "share_above_tau": float((entropy > self.cfg.gate.tau).float().mean()),
+        })
+        return summary
+
+    def stage_selection(self) -> dict[str, Any]:
+        from .selection import select_rollouts
+
+        rows, summary = select_rollouts(self.rollouts(), self.cfg.selection)
+        write_jsonl(self.path("selection.jsonl"), rows)
+        return summary
+
+    def stage_training(self) -> dict[str, Any]:
+        from .trainer import train_adapter
+
+        model, tokenizer = self.model_and_tokenizer()
+        from .scoring import load_scores
+
+        return train_adapter(
+            self.cfg, model, tokenizer, self.rollouts(), read_jsonl_resumable(self.path("selection.jsonl")),
+            load_scores(self.path("scores")), self.run_dir,
+            report_to=self.tracker.trainer_report_to if self.tracker else "none",
+            entropy_temperature=self.entropy_temperature,
+        )
+
+
+def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:
+    """Training and held-out problems, disjoint, as the data section describes."""
+    from . import problems as P
+
+    d = cfg.data
+    if d.source == "builtin":
+        train = P.builtin_arithmetic(d.num_train, seed=cfg.seed, kinds=tuple(d.kinds), split="train")
+        heldout = P.builtin_arithmetic(d.num_heldout, seed=cfg.seed, kinds=tuple(d.kinds), split="heldout")
+        return train, heldout
+    limit = d.num_train + d.num_heldout
+    if d.source == "hf":
+        rows = P.load_hf_dataset(d.name, config=d.config_name, split=d.split, prompt_column=d.prompt_column,
+                                 answer_column=d.answer_column, id_column=d.id_column, limit=limit)
+    else:
+        rows = P.load_local_file(d.path, prompt_column=d.prompt_column, answer_column=d.answer_column,
+                                 id_column=d.id_column, limit=limit)
+    if not rows:
+        raise DataError(f"data: the dataset has no rows ({d.source}: {d.name or d.path})")
+    if d.num_heldout == 0:
+        return rows[: d.num_train], []
+    return P.split_heldout(rows, heldout=min(d.num_heldout, len(rows) - 1), seed=cfg.seed)
+
+
+def summary_table(results: list[StageResult]) -> str:
+    return "\n".join(r.line() for r in results)
+

@@ -1,0 +1,144 @@
+"""Sampling rollouts from the frozen base model, verifying them, writing them as they finish."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import DataConfig, RolloutConfig
+from .problems import Problem
+from .rewards import verify
+from .storage import append_jsonl, read_jsonl_resumable
+
+
+def chat_prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig) -> list[int]:
+    """The problem as the model's chat template renders it, ready for the assistant turn."""
+    messages = []
+    if data.system_prompt:
+        messages.append({"role": "system", "content": data.system_prompt})
+    messages.append({"role": "user", "content": data.prompt_template.replace("{question}", problem.prompt)})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a completion (generation config and tokenizer)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def cut_at_eos(tokens: Sequence[int], eos_ids: set[int]) -> tuple[list[int], str]:
+    """Keep a generated row up to and including its first EOS; say why it ended."""
+    out: list[int] = []
+    for tok in tokens:
+        out.append(int(tok))
+        if tok in eos_ids:
+            return out, "eos"
+    return out, "length"
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    cfg: RolloutConfig,
+    eos_ids: set[int],
+    *,
+    seed: int,
+) -> list[list[tuple[list[int], str]]]:
+    """cfg.num_samples completions for each prompt, sampled in one ``generate`` call.
+
+    Returns, per prompt, a list of (completion_ids, finish_reason).
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+        num_return_sequences=cfg.num_samples,
+        eos_token_id=sorted(eos_ids),
+        pad_token_id=pad,
+    )
+    generated = out[:, width:].tolist()
+    n = cfg.num_samples
+    return [[cut_at_eos(generated[i * n + j], eos_ids) for j in range(n)] for i in range(len(prompts))]
+
+
+def run_rollouts(
+    model: Any,
+    tokenizer: Any,
+    problems: list[Problem],
+    data: DataConfig,
+    cfg: RolloutConfig,
+    out_path: Path,
+    *,
+    seed: int,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Sample, verify and append rollouts to ``out_path``; resume from what it holds.
+
+    Problems are cut into fixed batches (by prompt length, for less padding); each batch
+    has its own seed and is written whole after it finishes, so a resumed run skips the
+    finished batches and produces the same rollouts as an uninterrupted one.
+    """
+    start = time.perf_counter()
+    existing = read_jsonl_resumable(out_path)
+    done = {r["problem_id"] for r in existing}
+    eos_ids = eos_token_ids(model, tokenizer)
+    prompts = {p.id: chat_prompt_ids(tokenizer, p, data) for p in problems}
+    order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
+    per_call = max(1, cfg.batch_size // cfg.num_samples)
+    batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]
+    todo = [(b, batch) for b, batch in enumerate(batches) if not all(p.id in done for p in batch)]
+    new_tokens = 0
+    bar = tqdm(total=len(problems), initial=len(problems) - sum(len(b) for _, b in todo),
+               desc="rollouts", unit="problem", disable=not progress)
+    for b, batch in todo:
+        batch = [p for p in batch if p.id not in done]
+        results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids, seed=seed * 100003 + b)
+        records = []
+        for problem, samples in zip(batch, results):
+            for j, (completion, finish) in enumerate(samples):
+                text = tokenizer.decode(completion, skip_special_tokens=True)
+                reward, extracted = verify(text, problem.answer)
+                new_tokens += len(completion)
+                records.append({
+                    "problem_id": problem.id, "sample": j, "kind": problem.kind,
+                    "answer": problem.answer, "prompt_ids": prompts[problem.id],
+                    "completion_ids": completion, "text": text, "finish": finish,
+                    "reward": reward, "extracted": extracted,
+                })
+        append_jsonl(out_path, records)
+        bar.update(len(batch))
+        if on_batch is not None:
+            on_batch(b)
+    bar.close()
+    records = read_jsonl_resumable(out_path)
+    elapsed = time.perf_counter() - start
+    rewards = [r["reward"] for r in records]
+    return {
+        "rollouts": len(records),
+        "problems": len({r["problem_id"] for r in records}),
+        "mean_reward": sum(rewards) / max(len(rewards), 1),
+        "new_tokens_this_run": new_tokens,
+        "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
+        "resumed_from": len(existing),
+    }

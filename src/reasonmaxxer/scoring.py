@@ -1,0 +1,143 @@
+"""Teacher-forced base pass over each rollout: entropy, sampled log-prob, cached top-k.
+
+The decoder runs once per batch; the LM head and the softmax statistics run over chunks
+of completion positions, so memory holds at most batch x chunk x vocab logits. Results
+go to ``scores/shard-NNNNN.safetensors`` (one per batch, written atomically), so a killed
+run resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .entropy import token_stats
+from .sequences import pack_batch
+
+SCORE_KEYS = ("entropy", "logp", "topk_logp", "topk_ids")
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return decoder, model.get_output_embeddings()
+
+
+@torch.no_grad()
+def score_batch(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    *,
+    top_k: int,
+    chunk_size: int,
+    entropy_temperature: float,
+) -> dict[str, torch.Tensor]:
+    """Per completion position statistics of the base model for one packed batch.
+
+    Args:
+        batch: from :func:`reasonmaxxer.sequences.pack_batch` (on the model's device).
+
+    Returns:
+        ``entropy`` (B, C), ``logp`` (B, C), and with top_k > 0 ``topk_logp`` (B, C, K),
+        ``topk_ids`` (B, C, K); values at padding positions are meaningless.
+    """
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    C = batch["completion_ids"].shape[1]
+    # Hidden state at column P + j - 1 predicts completion token j.
+    hidden = hidden[:, -C - 1 : -1]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    parts: list[dict[str, torch.Tensor]] = []
+    for s in range(0, C, chunk_size):
+        logits = head(hidden[:, s : s + chunk_size])
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        parts.append(
+            token_stats(
+                logits,
+                batch["completion_ids"][:, s : s + chunk_size],
+                top_k=top_k,
+                entropy_temperature=entropy_temperature,
+            )
+        )
+        del logits
+    return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
+
+
+def _shard_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"shard-{index:05d}.safetensors"
+
+
+def score_rollouts(
+    model: Any,
+    rollouts: list[dict[str, Any]],
+    out_dir: Path,
+    *,
+    pad_id: int,
+    batch_size: int,
+    top_k: int,
+    chunk_size: int,
+    entropy_temperature: float,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every rollout (list order = rollout index) into shards under ``out_dir``."""
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    # Length-sorted batches waste less padding; the order is fixed so resumed shards match.
+    order = sorted(range(len(rollouts)), key=lambda i: (len(rollouts[i]["completion_ids"]), i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(rollouts), desc="scoring", unit="rollout", disable=not progress)
+    resumed = 0
+    for b, idx in enumerate(batches):
+        path = _shard_path(out_dir, b)
+        if path.exists():
+            resumed += len(idx)
+            bar.update(len(idx))
+            continue
+        packed = pack_batch(
+            [rollouts[i]["prompt_ids"] for i in idx], [rollouts[i]["completion_ids"] for i in idx], pad_id
+        )
+        packed = {k: v.to(device) for k, v in packed.items()}
+        stats = score_batch(model, packed, top_k=top_k, chunk_size=chunk_size,
+                            entropy_temperature=entropy_temperature)
+        lengths = packed["completion_mask"].sum(-1).cpu()
+        valid = packed["completion_mask"].bool().cpu()
+        flat = {k: v.cpu()[valid].contiguous() for k, v in stats.items()}  # ragged rows, concatenated
+        if "topk_ids" in flat:
+            flat["topk_ids"] = flat["topk_ids"].to(torch.int32)
+        flat["rollout_index"] = torch.tensor(idx, dtype=torch.int64)
+        flat["lengths"] = lengths.to(torch.int64)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(flat, str(tmp))
+        os.replace(tmp, path)
+        bar.update(len(idx))
+    bar.close()
+    return {
+        "rollouts": len(rollouts),
+        "shards": len(batches),
+        "resumed_rollouts": resumed,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_scores(out_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Per rollout index: ``entropy`` (L,), ``logp`` (L,), ``topk_logp``/``topk_ids`` (L, K)."""
+    scores: dict[int, dict[str, torch.Tensor]] = {}
+    for path in sorted(Path(out_dir).glob("shard-*.safetensors")):
+        shard = load_file(str(path))
+        offsets = [0, *shard["lengths"].cumsum(0).tolist()]
+        for row, index in enumerate(shard["rollout_index"].tolist()):
+            a, b = offsets[row], offsets[row + 1]
+            scores[index] = {k: shard[k][a:b] for k in SCORE_KEYS if k in shard}
+    return scores

@@ -1,0 +1,78 @@
+"""Weights & Biases set-up: the resolved config as the run config, offline when it must."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+logger = logging.getLogger(__name__)
+
+# Keys never written to a saved or logged config.
+_SECRET_MARKERS = ("api_key", "token", "password", "secret")
+
+
+def redact(obj: Any) -> Any:
+    """Drop values whose key looks like a credential (defence in depth for saved configs)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(m in str(k).lower() for m in _SECRET_MARKERS) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text() or "wandb" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class Tracker:
+    """A W&B run (or nothing, with ``report_to: none``) shared by every stage."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.run = None
+        self.report_to = cfg.tracking.report_to
+        if self.report_to != "wandb":
+            return
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE")
+        if mode is None and not _has_credentials():
+            logger.warning("W&B: no credentials found; logging offline to %s/wandb (sync later with `wandb sync`)",
+                           run_dir)
+            os.environ["WANDB_MODE"] = "offline"
+        t = cfg.tracking
+        kwargs = dict(project=t.project, entity=t.entity, name=t.run_name or run_dir.name, group=t.group,
+                      tags=t.tags or None, config=redact(cfg.to_dict()), dir=str(run_dir))
+        try:
+            self.run = wandb.init(**kwargs)
+        except Exception as err:  # network, auth, server: never crash a run over logging
+            logger.warning("W&B: init failed (%s); falling back to offline mode", str(err).splitlines()[0][:200])
+            os.environ["WANDB_MODE"] = "offline"
+            self.run = wandb.init(**kwargs)
+
+    @property
+    def trainer_report_to(self) -> str:
+        return "wandb" if self.run is not None else "none"
+
+    def summary(self, prefix: str, values: dict[str, Any]) -> None:
+        """Put a stage's summary numbers into the run summary."""
+        if self.run is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.run.summary[f"{prefix}/{key}"] = value
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

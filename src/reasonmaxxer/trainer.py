@@ -1,0 +1,193 @@
+"""ForkGatedTrainer: TRL's SFTTrainer with its loss replaced by the fork-gated objective.
+
+Pinned to trl==1.16.* (``SFTTrainer.compute_loss``/``log``/``_metrics`` are what we
+override or reuse). The reference model is the base itself: the cached top-k from
+scoring (``loss.kl_anchor: cached``) or the same weights with the LoRA adapter disabled
+(``exact``) — never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from trl import SFTTrainer
+
+from .config import Config, GateConfig, LossConfig
+from .entropy import fork_mask, token_entropy
+from .loss import exact_kl, fork_gated_loss, gather_logprobs, topk_kl
+from .sequences import pack_batch, pad_ragged
+from .storage import atomic_write_json
+
+
+def fork_dataset(selection: list[dict[str, Any]]) -> datasets.Dataset:
+    """One row per selected rollout: its index and advantage (tensors live in the collator)."""
+    return datasets.Dataset.from_list(
+        [{"rollout_index": int(r["rollout_index"]), "advantage": float(r["advantage"])} for r in selection]
+    )
+
+
+class ForkCollator:
+    """Packs selected rollouts and their cached base scores into the shared layout.
+
+    The rollouts and scores stay in memory here, keyed by rollout index, so the dataset
+    the Trainer iterates over is just (rollout_index, advantage) pairs.
+    """
+
+    def __init__(self, pad_id: int, rollouts: list[dict[str, Any]], scores: dict[int, dict[str, torch.Tensor]]):
+        self.pad_id = pad_id
+        self.rollouts = rollouts
+        self.scores = scores
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        idx = [int(r["rollout_index"]) for r in rows]
+        batch = pack_batch([self.rollouts[i]["prompt_ids"] for i in idx],
+                           [self.rollouts[i]["completion_ids"] for i in idx], self.pad_id)
+        C = batch["completion_ids"].shape[1]
+        scores = [self.scores[i] for i in idx]
+        batch["advantages"] = torch.tensor([float(r["advantage"]) for r in rows], dtype=torch.float32)
+        batch["base_entropy"] = pad_ragged([s["entropy"] for s in scores], C)
+        batch["base_logp"] = pad_ragged([s["logp"] for s in scores], C)
+        if "topk_ids" in scores[0]:
+            batch["topk_ids"] = pad_ragged([s["topk_ids"].long() for s in scores], C)
+            batch["topk_logp"] = pad_ragged([s["topk_logp"] for s in scores], C)
+        return batch
+
+
+def gather_across_processes(accelerator: Any, local: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of varying length over all processes."""
+    if accelerator.num_processes == 1:
+        return local
+    sentinel = -1e9  # entropies are >= 0, so the padding value cannot collide with data
+    padded = accelerator.pad_across_processes(local, dim=0, pad_index=sentinel)
+    gathered = accelerator.gather(padded)
+    return gathered[gathered != sentinel]
+
+
+class ForkGatedTrainer(SFTTrainer):
+    """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
+
+    def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
+                 **kwargs: Any):
+        self.gate = gate
+        self.loss_cfg = loss_cfg
+        self.entropy_temperature = entropy_temperature
+        super().__init__(*args, **kwargs)
+
+    def _policy_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        C = inputs["completion_ids"].shape[1]
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            logits_to_keep=C + 1,
+            use_cache=False,
+        )
+        return out.logits[:, :-1]  # (B, C, V): the logits that predict each completion token
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        logits = self._policy_logits(model, inputs)  # (B, C, V)
+        cached = self.loss_cfg.kl_anchor == "cached"
+        policy_logp, policy_topk_logp = gather_logprobs(
+            logits, inputs["completion_ids"], inputs["topk_ids"] if cached else None
+        )
+        if cached:
+            kl = topk_kl(inputs["topk_logp"], policy_topk_logp)
+        else:
+            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+                base_logits = self._policy_logits(model, inputs)
+            kl = exact_kl(base_logits, logits)
+
+        if self.gate.entropy_source == "base":
+            entropy = inputs["base_entropy"]
+        else:
+            with torch.no_grad():
+                entropy = token_entropy(logits.detach(), temperature=self.entropy_temperature)
+        forks = fork_mask(
+            entropy, completion_mask, mode=self.gate.mode, tau=self.gate.tau, quantile=self.gate.quantile,
+            k=self.gate.k, gather=lambda t: gather_across_processes(self.accelerator, t),
+        )
+        loss, stats = fork_gated_loss(
+            policy_logp, inputs["base_logp"], inputs["advantages"], forks, completion_mask, kl,
+            kl_coef=self.loss_cfg.kl_coef, variant=self.loss_cfg.variant,
+            neg_prob_floor=self.loss_cfg.neg_prob_floor, hinge_margin=self.loss_cfg.hinge_margin,
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.global_step}: {stats}")
+        with torch.no_grad():
+            valid = completion_mask.bool()
+            nonforks = valid & ~forks
+            base_h = inputs["base_entropy"]
+            stats["base_entropy_forks"] = base_h[forks].mean().item() if forks.any() else 0.0
+            stats["base_entropy_nonforks"] = base_h[nonforks].mean().item() if nonforks.any() else 0.0
+        stats.pop("loss")
+        for key, value in stats.items():
+            self._metrics[mode][key].append(float(value))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder))
+
+
+def train_adapter(
+    cfg: Config,
+    model: Any,
+    tokenizer: Any,
+    rollouts: list[dict[str, Any]],
+    selection: list[dict[str, Any]],
+    scores: dict[int, dict[str, torch.Tensor]],
+    run_dir: Path,
+    *,
+    report_to: str,
+    entropy_temperature: float,
+) -> dict[str, Any]:
+    """Train the LoRA adapter on the selected rollouts; resume from the last checkpoint.
+
+    Writes ``checkpoints/`` (Trainer checkpoints), ``adapter/`` (PEFT format) and
+    ``train_log.json`` (the Trainer's log history) under ``run_dir``.
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    dataset = fork_dataset(selection)
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        report_to=report_to,
+        run_name=cfg.tracking.run_name or run_dir.name,
+        seed=cfg.seed,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        disable_tqdm=False,
+        **cfg.training,
+    )
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    model.train()
+    trainer = ForkGatedTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
+        processing_class=tokenizer, peft_config=lora,
+        gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
+    )
+    resume = _last_checkpoint(run_dir / "checkpoints")
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(run_dir / "adapter"))
+    history = trainer.state.log_history
+    atomic_write_json(run_dir / "train_log.json", history)
+    last = next((h for h in reversed(history) if "fork_fraction" in h), {})
+    return {
+        "examples": len(dataset),
+        "steps": trainer.state.global_step,
+        "resumed_from": resume.rsplit("-", 1)[-1] if resume else None,
+        "train_loss": result.training_loss,
+        **{k: last[k] for k in ("fork_fraction", "fork_term", "kl_term", "dlogp_pos_forks", "dlogp_neg_forks")
+           if k in last},
+    }

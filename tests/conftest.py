@@ -1,0 +1,27 @@
+"""Shared test setup: offline hub, no wandb, and a tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers / huggingface_hub are imported by any test module: the hub
+# client reads these at import time, and a hub id must fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers this suite uses."""
+    config.addinivalue_line("markers", "slow: end-to-end tests that take tens of seconds or more")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama model + ChatML tokenizer saved as safetensors, built once per session."""
+    from reasonmaxxer.testing import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
