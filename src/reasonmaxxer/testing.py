@@ -116,9 +116,7 @@ def build_tiny_model_dir(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path

@@ -138,6 +138,42 @@ def _last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder))
 
 
+def build_trainer(
+    cfg: Config,
+    model: Any,
+    tokenizer: Any,
+    rollouts: list[dict[str, Any]],
+    selection: list[dict[str, Any]],
+    scores: dict[int, dict[str, torch.Tensor]],
+    output_dir: Path,
+    *,
+    report_to: str = "none",
+    entropy_temperature: float,
+) -> ForkGatedTrainer:
+    """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        report_to=report_to,
+        run_name=cfg.tracking.run_name or output_dir.parent.name,
+        seed=cfg.seed,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        **cfg.training,
+    )
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    model.train()
+    return ForkGatedTrainer(
+        model=model, args=args, train_dataset=fork_dataset(selection),
+        data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
+        processing_class=tokenizer, peft_config=lora,
+        gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
+    )
+
+
 def train_adapter(
     cfg: Config,
     model: Any,
@@ -155,28 +191,8 @@ def train_adapter(
     Writes ``checkpoints/`` (Trainer checkpoints), ``adapter/`` (PEFT format) and
     ``train_log.json`` (the Trainer's log history) under ``run_dir``.
     """
-    from peft import LoraConfig
-    from trl import SFTConfig
-
-    dataset = fork_dataset(selection)
-    args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        report_to=report_to,
-        run_name=cfg.tracking.run_name or run_dir.name,
-        seed=cfg.seed,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        disable_tqdm=False,
-        **cfg.training,
-    )
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    model.train()
-    trainer = ForkGatedTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
-        processing_class=tokenizer, peft_config=lora,
-        gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
-    )
+    trainer = build_trainer(cfg, model, tokenizer, rollouts, selection, scores, run_dir / "checkpoints",
+                            report_to=report_to, entropy_temperature=entropy_temperature)
     resume = _last_checkpoint(run_dir / "checkpoints")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir / "adapter"))
@@ -184,7 +200,7 @@ def train_adapter(
     atomic_write_json(run_dir / "train_log.json", history)
     last = next((h for h in reversed(history) if "fork_fraction" in h), {})
     return {
-        "examples": len(dataset),
+        "examples": len(selection),
         "steps": trainer.state.global_step,
         "resumed_from": resume.rsplit("-", 1)[-1] if resume else None,
         "train_loss": result.training_loss,

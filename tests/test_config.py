@@ -1,0 +1,122 @@
+"""Config loading and the errors a user meets: one line naming the key, exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reasonmaxxer.cli import train_main
+from reasonmaxxer.config import Config, load_config, parse_overrides
+from reasonmaxxer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_loads_and_matches_the_pilot():
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.gate.mode == "threshold" and cfg.gate.tau == 1.4
+    assert cfg.training["learning_rate"] == 2e-4 and cfg.training["max_steps"] == 40
+    assert cfg.training["use_cpu"] is True and cfg.training["bf16"] is False  # no GPU in tests
+
+
+def test_cli_overrides_take_both_forms_and_beat_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"gate": {"tau": 1.0, "mode": "threshold"}, "lora": {"r": 4}}))
+    cfg = load_config(path, ["--gate.tau=1.8", "--lora.r", "8", "--tracking.tags", "[a, b]",
+                             "--training.learning_rate", "1e-4"])
+    assert cfg.gate.tau == 1.8 and cfg.lora.r == 8 and cfg.tracking.tags == ["a", "b"]
+    assert cfg.training["learning_rate"] == 1e-4  # YAML 1.1 reads 1e-4 as a string; accepted as a number
+    assert cfg.gate.mode == "threshold"
+
+
+def test_int_widens_to_float_but_not_the_reverse():
+    assert load_config(None, ["--gate.tau", "2"]).gate.tau == 2.0
+    with pytest.raises(ConfigError, match=r"^rollout.num_samples: expected an integer, got 2.5$"):
+        load_config(None, ["--rollout.num_samples", "2.5"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--gate.tua", "1"], "gate.tua: unknown key (did you mean 'tau'?)"),
+        (["--gaet.tau", "1"], "gaet: unknown section or key (did you mean 'gate'?)"),
+        (["--gate.tau", "-0.5"], "gate.tau: must be >= 0, got -0.5"),
+        (["--gate.quantile", "0"], "gate.quantile: must be in (0, 1], got 0.0"),
+        (["--gate.quantile", "1.5"], "gate.quantile: must be in (0, 1], got 1.5"),
+        (["--gate.k", "0"], "gate.k: must be >= 1, got 0"),
+        (["--gate.mode", "thresh"], "gate.mode: 'thresh' is not one of 'threshold', 'quantile', 'topk', 'all' "
+                                    "(did you mean 'threshold'?)"),
+        (["--rollout.num_samples", "x"], "rollout.num_samples: expected an integer, got 'x'"),
+        (["--rollout.num_samples", "1"], "rollout.num_samples: must be >= 2 (advantages need a group), got 1"),
+        (["--rollout.top_p", "0"], "rollout.top_p: must be in (0, 1], got 0.0"),
+        (["--loss.variant", "signd"], "loss.variant: 'signd' is not one of"),
+        (["--loss.kl_coef", "-1"], "loss.kl_coef: must be >= 0, got -1.0"),
+        (["--model.trust_remote_code", "yes please"], "model.trust_remote_code: expected true/false"),
+        (["--training.learnin_rate", "1"], "training.learnin_rate: unknown key (not an SFTConfig field) "
+                                           "(did you mean 'learning_rate'?)"),
+        (["--training.learning_rate", "abc"], "training.learning_rate: expected a number, got 'abc'"),
+        (["--training.output_dir", "x"], "training.output_dir: set by ReasonMaxxer"),
+        (["--data.kinds", "[add, div]"], "data.kinds: must be among"),
+        (["--data.source", "file"], "data.path: is required with data.source: file"),
+        (["--data.prompt_template", "no placeholder"], "data.prompt_template: must contain '{question}'"),
+        (["--scoring.top_k", "0"], "scoring.top_k: must be >= 1 with loss.kl_anchor: cached"),
+        (["gate.tau", "1"], "command line: expected --section.key value"),
+        (["--gate.tau"], "--gate.tau: missing value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def test_exact_anchor_allows_no_top_k():
+    cfg = load_config(None, ["--scoring.top_k", "0", "--loss.kl_anchor", "exact"])
+    assert cfg.scoring.top_k == 0
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("gate:\n  tau: [1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml' line \d+"):
+        load_config(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+    section = tmp_path / "section.yaml"
+    section.write_text("gate: 3\n")
+    with pytest.raises(ConfigError, match="gate: expected a mapping"):
+        load_config(section)
+
+
+def test_parse_overrides_nests_and_parses_yaml_scalars():
+    assert parse_overrides(["--a.b=1", "--a.c", "true", "--d", "x y"]) == {"a": {"b": 1, "c": True}, "d": "x y"}
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    code = train_main(["--gate.tua", "1.8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "error: gate.tua: unknown key (did you mean 'tau'?)\n"
+
+
+def test_cli_in_a_real_process_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("gate:\n  mode: quantile\n  quantile: 2.0\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(bad)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: gate.quantile: must be in (0, 1], got 2.0"
+    assert not (tmp_path / "runs").exists()  # stopped before any work

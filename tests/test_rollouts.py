@@ -1,0 +1,291 @@
+"""Tests for reasonmaxxer.rollouts with the tiny model: prompts, EOS cutting, sampling, resume.
+
+References: the ChatML text written out by hand, a greedy decode by plain full forward
+passes of each unpadded prompt, reasonmaxxer.rewards.verify, and an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from reasonmaxxer.config import DataConfig, RolloutConfig
+from reasonmaxxer.problems import Problem, builtin_arithmetic
+from reasonmaxxer.rewards import verify
+from reasonmaxxer.rollouts import chat_prompt_ids, cut_at_eos, eos_token_ids, generate_batch, run_rollouts
+
+CFG = RolloutConfig(num_samples=2, max_new_tokens=8, batch_size=4)
+FIELDS = {"problem_id", "sample", "prompt_ids", "completion_ids", "text", "finish", "reward"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    # A fresh random head almost never samples EOS in 8 tokens; sharpen it and give EOS a
+    # context-dependent logit of the same scale, so completions end both ways (EOS at
+    # varying lengths, and at max_new_tokens).
+    with torch.no_grad():
+        w = m.get_output_embeddings().weight
+        w.mul_(20.0)
+        w[tokenizer.eos_token_id] = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1))
+    return m
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return builtin_arithmetic(6, seed=0)
+
+
+# --------------------------------------------------------------------------------------
+# chat_prompt_ids
+# --------------------------------------------------------------------------------------
+
+
+def _chatml(messages) -> str:
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + (
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_chat_prompt_ids_default_template(tokenizer) -> None:
+    problem = Problem(id="p", prompt="What is 12 + 7?", answer="19")
+    data = DataConfig()
+    ids = chat_prompt_ids(tokenizer, problem, data)
+    user = data.prompt_template.replace("{question}", problem.prompt)
+    assert user.startswith("What is 12 + 7?\n\n") and "Answer: <number>" in user
+    want_text = _chatml([{"role": "user", "content": user}])
+    assert tokenizer.decode(ids) == want_text
+    assert ids == tokenizer(want_text, add_special_tokens=False)["input_ids"]
+    im_start, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert ids[0] == im_start  # special tokens are single ids, no BOS added twice
+    assert ids.count(im_start) == 2 and ids.count(im_end) == 1
+    assert all(isinstance(i, int) for i in ids)
+
+
+def test_chat_prompt_ids_custom_template_and_system(tokenizer) -> None:
+    problem = Problem(id="p", prompt="What is 3 × 4?", answer="12")
+    data = DataConfig(prompt_template="Q: {question}\nA (number only):", system_prompt="Be brief.")
+    ids = chat_prompt_ids(tokenizer, problem, data)
+    want_text = _chatml([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q: What is 3 × 4?\nA (number only):"},
+    ])
+    assert tokenizer.decode(ids) == want_text
+    assert ids == tokenizer(want_text, add_special_tokens=False)["input_ids"]
+    # A different question gives a different prompt, the same frame.
+    other = chat_prompt_ids(tokenizer, Problem(id="q", prompt="What is 5 × 6?", answer="30"), data)
+    assert tokenizer.decode(other) == want_text.replace("3 × 4", "5 × 6")
+
+
+# --------------------------------------------------------------------------------------
+# cut_at_eos
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "eos", "want"),
+    [
+        ([5, 6, 2, 2, 2], {2}, ([5, 6, 2], "eos")),  # cut after the first EOS, padding gone
+        ([5, 6, 7], {2}, ([5, 6, 7], "length")),
+        ([2, 5, 6], {2}, ([2], "eos")),
+        ([5, 6, 2], {2}, ([5, 6, 2], "eos")),  # EOS as the last allowed token
+        ([5, 9, 6, 2], {2, 9}, ([5, 9], "eos")),  # any of several EOS ids
+        ([], {2}, ([], "length")),
+        ([5, 6], set(), ([5, 6], "length")),
+    ],
+)
+def test_cut_at_eos(tokens, eos, want) -> None:
+    got = cut_at_eos(tokens, eos)
+    assert got == want
+    assert all(type(t) is int for t in got[0])
+
+
+def test_cut_at_eos_tensor_row() -> None:
+    got = cut_at_eos(torch.tensor([4, 3, 2, 2]).tolist(), {2})
+    assert got == ([4, 3, 2], "eos")
+
+
+def test_eos_token_ids(model, tokenizer) -> None:
+    assert eos_token_ids(model, tokenizer) == {tokenizer.eos_token_id}
+
+
+# --------------------------------------------------------------------------------------
+# generate_batch: a near-zero temperature reproduces a greedy decode of each prompt alone
+# --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _greedy(model, prompt, max_new, eos):
+    ids = list(prompt)
+    out = []
+    for _ in range(max_new):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        ids.append(tok)
+        if tok in eos:
+            return out, "eos"
+    return out, "length"
+
+
+def test_generate_batch_left_padded_equals_greedy_alone(model, tokenizer, problems) -> None:
+    data = DataConfig()
+    prompts = [chat_prompt_ids(tokenizer, p, data) for p in problems[:3]]
+    assert len({len(p) for p in prompts}) > 1  # ragged: some rows are left-padded
+    eos = eos_token_ids(model, tokenizer)
+    cfg = replace(CFG, temperature=1e-4, top_p=1.0, max_new_tokens=10)
+    got = generate_batch(model, tokenizer, prompts, cfg, eos, seed=0)
+    assert len(got) == 3 and all(len(samples) == 2 for samples in got)
+    finishes = set()
+    for prompt, samples in zip(prompts, got):
+        want = _greedy(model, prompt, 10, eos)
+        finishes.add(want[1])
+        for sample in samples:
+            assert sample == want
+    assert finishes == {"eos", "length"}, finishes  # both endings exercised
+
+
+# --------------------------------------------------------------------------------------
+# run_rollouts
+# --------------------------------------------------------------------------------------
+
+
+def _read(path: Path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _count_generate(model, monkeypatch):
+    calls = []
+    original = model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counting)
+    return calls
+
+
+def test_run_rollouts_records(model, tokenizer, problems, tmp_path: Path) -> None:
+    data = DataConfig()
+    path = tmp_path / "rollouts.jsonl"
+    summary = run_rollouts(model, tokenizer, problems, data, CFG, path, seed=0, progress=False)
+    records = _read(path)
+    assert summary["rollouts"] == len(records) == 12
+    assert summary["problems"] == 6
+    assert summary["resumed_from"] == 0
+    eos = eos_token_ids(model, tokenizer)
+    by_problem = {p.id: p for p in problems}
+    seen = {}
+    for r in records:
+        assert FIELDS <= set(r), set(r)
+        seen.setdefault(r["problem_id"], []).append(r["sample"])
+        problem = by_problem[r["problem_id"]]
+        assert r["prompt_ids"] == chat_prompt_ids(tokenizer, problem, data)
+        c = r["completion_ids"]
+        assert 1 <= len(c) <= CFG.max_new_tokens
+        # Ends with an EOS id iff finish == "eos"; no EOS before the end.
+        assert r["finish"] in ("eos", "length")
+        assert (c[-1] in eos) == (r["finish"] == "eos")
+        assert not any(t in eos for t in c[:-1])
+        if r["finish"] == "length":
+            assert len(c) == CFG.max_new_tokens
+        assert r["text"] == tokenizer.decode(c, skip_special_tokens=True)
+        assert r["reward"] in (0, 1)
+        assert (r["reward"], r["extracted"]) == tuple(verify(r["text"], problem.answer))
+    assert {pid: sorted(s) for pid, s in seen.items()} == {p.id: [0, 1] for p in problems}
+    assert {r["finish"] for r in records} == {"eos", "length"}  # both endings exercised
+    assert summary["new_tokens_this_run"] == sum(len(r["completion_ids"]) for r in records)
+    assert summary["mean_reward"] == pytest.approx(sum(r["reward"] for r in records) / 12)
+    # Samples differ: not one completion copied num_samples times everywhere.
+    assert len({tuple(r["completion_ids"]) for r in records}) > 6
+
+    # Same seed, fresh file: identical rollouts. Another seed: different ones.
+    again = tmp_path / "again.jsonl"
+    run_rollouts(model, tokenizer, problems, data, CFG, again, seed=0, progress=False)
+    assert _read(again) == records
+    other = tmp_path / "other.jsonl"
+    run_rollouts(model, tokenizer, problems, data, CFG, other, seed=1, progress=False)
+    assert [r["completion_ids"] for r in _read(other)] != [r["completion_ids"] for r in records]
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def _key(records):
+    return {(r["problem_id"], r["sample"]): r["completion_ids"] for r in records}
+
+
+def test_run_rollouts_resume_after_interrupt(model, tokenizer, problems, tmp_path: Path, monkeypatch) -> None:
+    data = DataConfig()
+    path_a, path_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    calls = _count_generate(model, monkeypatch)
+    run_rollouts(model, tokenizer, problems, data, CFG, path_a, seed=3, progress=False)
+    full = _read(path_a)
+    n_batches = len(calls)
+    per_call = CFG.batch_size // CFG.num_samples
+    assert n_batches == -(-len(problems) // per_call) == 3
+    assert calls == [per_call] * n_batches  # prompts per generate call
+
+    def stop_after_first(b: int) -> None:
+        raise _Stop
+
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_rollouts(model, tokenizer, problems, data, CFG, path_b, seed=3, progress=False,
+                     on_batch=stop_after_first)
+    assert len(calls) == 1
+    partial = _read(path_b)
+    assert len(partial) == per_call * CFG.num_samples
+    assert partial == full[: len(partial)]  # the first batch, written whole
+
+    calls.clear()
+    summary = run_rollouts(model, tokenizer, problems, data, CFG, path_b, seed=3, progress=False)
+    assert summary["resumed_from"] == len(partial)
+    assert len(calls) == n_batches - 1  # only the missing batches were generated
+    final = _read(path_b)
+    assert _key(final) == _key(full)
+    assert final == full
+
+    # A finished file: nothing generated.
+    calls.clear()
+    summary = run_rollouts(model, tokenizer, problems, data, CFG, path_b, seed=3, progress=False)
+    assert calls == []
+    assert summary["resumed_from"] == len(full) and summary["new_tokens_this_run"] == 0
+    assert _read(path_b) == full
+
+
+def test_run_rollouts_resume_after_torn_batch_write(model, tokenizer, problems, tmp_path: Path) -> None:
+    """A kill in the middle of a batch's write leaves part of that batch (and a torn line):
+    the resumed run must still give every problem num_samples rollouts, as uninterrupted."""
+    data = DataConfig()
+    path_a, path_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    run_rollouts(model, tokenizer, problems, data, CFG, path_a, seed=4, progress=False)
+    full_bytes = path_a.read_bytes()
+    full = _read(path_a)
+    lines = full_bytes.splitlines(keepends=True)
+    per_batch = (CFG.batch_size // CFG.num_samples) * CFG.num_samples  # 4 records
+    # Batch 0 complete, then batch 1 torn inside its last record (3 whole lines + half).
+    torn = b"".join(lines[: per_batch + 3]) + lines[per_batch + 3][:20]
+    path_b.write_bytes(torn)
+    run_rollouts(model, tokenizer, problems, data, CFG, path_b, seed=4, progress=False)
+    final = _read(path_b)
+    counts = {}
+    for r in final:
+        counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
+    assert counts == {p.id: CFG.num_samples for p in problems}, counts
+    assert _key(final) == _key(full)

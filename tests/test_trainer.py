@@ -1,0 +1,153 @@
+"""ForkGatedTrainer.compute_loss against an independent computation on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reasonmaxxer.config import load_config
+from reasonmaxxer.scoring import score_batch
+from reasonmaxxer.sequences import pack_batch
+from reasonmaxxer.trainer import build_trainer
+
+
+def _rollouts(tokenizer, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    out = []
+    for i in range(n):
+        p_len = 3 + i % 3
+        c_len = 1 + (i * 5) % 9  # includes a one-token completion
+        out.append({
+            "prompt_ids": torch.randint(5, vocab, (p_len,), generator=g).tolist(),
+            "completion_ids": torch.randint(5, vocab, (c_len,), generator=g).tolist(),
+        })
+    return out
+
+
+def _scores(model, tokenizer, rollouts, top_k):
+    packed = pack_batch([r["prompt_ids"] for r in rollouts], [r["completion_ids"] for r in rollouts],
+                        tokenizer.pad_token_id)
+    stats = score_batch(model, packed, top_k=top_k, chunk_size=4, entropy_temperature=1.0)
+    out = {}
+    for i, r in enumerate(rollouts):
+        L = len(r["completion_ids"])
+        out[i] = {k: v[i, :L] for k, v in stats.items()}
+    return out
+
+
+def _trainer(tiny_model_dir, tmp_path, overrides, top_k=None):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.eval()
+    rollouts = _rollouts(tokenizer)
+    scores = _scores(model, tokenizer, rollouts, top_k or len(tokenizer))
+    selection = [{"rollout_index": i, "advantage": (1.0 if i % 2 else -1.0)} for i in range(len(rollouts))]
+    cfg = load_config(None, ["--training.max_steps", "1", "--lora.dropout", "0.0", *overrides])
+    base = copy.deepcopy(model)
+    trainer = build_trainer(cfg, model, tokenizer, rollouts, selection, scores, tmp_path / "ckpt",
+                            entropy_temperature=1.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rollouts))])
+    return trainer, batch, base
+
+
+def _perturb_lora(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def _reference(base, policy, batch, *, tau, kl_coef, floor):
+    """Brute force: one plain forward per row (no padding), loops over positions."""
+    total_fork, n_fork, total_kl, n_nonfork = 0.0, 0, 0.0, 0
+    for b in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][b].bool()
+        ids = batch["input_ids"][b][keep].unsqueeze(0)
+        L = int(batch["completion_mask"][b].sum())
+        with torch.no_grad():
+            base_logits = base(ids).logits[0, -L - 1 : -1]
+            pol_logits = policy(ids).logits[0, -L - 1 : -1]
+        for t in range(L):
+            tok = int(batch["completion_ids"][b, t])
+            pb = torch.distributions.Categorical(logits=base_logits[t])
+            pp = torch.distributions.Categorical(logits=pol_logits[t])
+            if pb.entropy().item() > tau:
+                logp = pp.log_prob(torch.tensor(tok)).item()
+                a = float(batch["advantages"][b])
+                if a < 0 and torch.exp(torch.tensor(logp)) < floor:
+                    pass
+                else:
+                    total_fork += a * -logp
+                n_fork += 1
+            else:
+                total_kl += torch.distributions.kl_divergence(pb, pp).item()
+                n_nonfork += 1
+    return total_fork / max(n_fork, 1) + kl_coef * total_kl / max(n_nonfork, 1)
+
+
+def _median_base_entropy(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    scores = _scores(model, tokenizer, _rollouts(tokenizer), top_k=1)
+    return torch.cat([s["entropy"] for s in scores.values()]).median().item()
+
+
+@pytest.mark.parametrize("anchor", ["cached", "exact"])
+def test_compute_loss_matches_brute_force(tiny_model_dir, tmp_path, anchor):
+    tau = _median_base_entropy(tiny_model_dir)  # a threshold that splits the batch
+    trainer, batch, base = _trainer(tiny_model_dir, tmp_path, ["--loss.kl_anchor", anchor, "--gate.tau", str(tau),
+                                                               "--loss.neg_prob_floor", "0.003"])
+    _perturb_lora(trainer.model)
+    trainer.model.train()  # lora.dropout is 0: train mode is deterministic, and metrics go to "train"
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    expected = _reference(base, trainer.model, batch, tau=tau, kl_coef=0.2, floor=0.003)
+    assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    m = trainer._metrics["train"]
+    assert 0 < m["fork_fraction"][-1] < 1  # the threshold splits this batch
+    assert m["kl_term"][-1] > 0
+
+
+def test_fresh_adapter_has_zero_kl_and_zero_dlogp(tiny_model_dir, tmp_path):
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.mode", "quantile", "--gate.quantile", "0.3"])
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch))
+    m = trainer._metrics["train"]
+    assert abs(m["kl_term"][-1]) < 1e-5
+    assert abs(m["dlogp_pos_forks"][-1]) < 1e-5 and abs(m["dlogp_neg_forks"][-1]) < 1e-5
+
+
+def test_exact_anchor_uses_the_base_without_a_second_copy(tiny_model_dir, tmp_path):
+    trainer, batch, base = _trainer(tiny_model_dir, tmp_path, ["--loss.kl_anchor", "exact"])
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    _perturb_lora(trainer.model)
+    trainer.compute_loss(trainer.model, dict(batch))
+    # Only LoRA parameters were added to the base: no reference model was created.
+    lora = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
+    assert n_params - lora == sum(p.numel() for p in base.parameters())
+    assert trainer.ref_model is None if hasattr(trainer, "ref_model") else True
+
+
+def test_policy_entropy_source_and_backward(tiny_model_dir, tmp_path):
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.entropy_source", "policy", "--gate.mode",
+                                                             "topk", "--gate.k", "2"])
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    grads = [p.grad for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert trainer._metrics["train"]["forks"][-1] == sum(min(2, int(n)) for n in batch["completion_mask"].sum(-1))
+
+
+def test_no_fork_batch_is_the_kl_term_alone(tiny_model_dir, tmp_path):
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.tau", "100"])
+    _perturb_lora(trainer.model)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    m = trainer._metrics["train"]
+    assert m["no_fork"][-1] == 1.0 and m["fork_term"][-1] == 0.0
+    assert loss.item() == pytest.approx(0.2 * m["kl_term"][-1], rel=1e-6)
+    loss.backward()
