@@ -41,15 +41,18 @@ def token_entropy(
 
 
 def _entropy_from_scaled_logits(z: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) - sum_v p_v z_v, written so that -inf logits contribute 0 (not nan)."""
+    """H = -sum_v p_v log p_v from log p = z - logsumexp(z); -inf logits contribute 0 (not nan).
+
+    Subtracting the logsumexp first keeps fp32 exact for logits of any offset (the form
+    logsumexp(z) - sum p z loses nats at |z| ~ 1e4).
+    """
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(z - finite_lse)  # exp(-inf) = 0 where masked
-    pz = torch.where(p > 0, p * z, torch.zeros_like(p))
-    entropy = finite_lse.squeeze(-1) - pz.sum(-1)
-    # A fully masked row has no distribution: define its entropy as 0. Rounding can give
-    # tiny negatives for one-hot rows; entropy is never below 0.
-    entropy = torch.where(torch.isfinite(lse.squeeze(-1)), entropy, torch.zeros_like(entropy))
+    finite = torch.isfinite(lse)
+    logp = z - torch.where(finite, lse, torch.zeros_like(lse))
+    p = torch.exp(logp)  # exp(-inf) = 0 where masked
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # A fully masked row has no distribution: define its entropy as 0.
+    entropy = torch.where(finite.squeeze(-1), entropy, torch.zeros_like(entropy))
     return entropy.clamp_min(0.0)
 
 

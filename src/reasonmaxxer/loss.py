@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 LossVariant = Literal["signed", "positive_only", "hinge", "split"]
 LOSS_VARIANTS: tuple[str, ...] = ("signed", "positive_only", "hinge", "split")
@@ -50,7 +49,10 @@ def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Te
     """
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
     policy_logp = torch.log_softmax(policy_logits.float(), dim=-1)
-    return F.kl_div(policy_logp, base_logp, log_target=True, reduction="none").sum(-1)
+    base_p = base_logp.exp()
+    # Tokens the base rules out (-inf logits) contribute 0, not 0 * -inf = nan.
+    terms = torch.where(base_p > 0, base_p * (base_logp - policy_logp), torch.zeros_like(base_p))
+    return terms.sum(-1)
 
 
 def topk_kl(base_topk_logp: torch.Tensor, policy_topk_logp: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,8 @@ def topk_kl(base_topk_logp: torch.Tensor, policy_topk_logp: torch.Tensor) -> tor
         (B, T) KL in nats.
     """
     base_p = base_topk_logp.float().exp()
-    head = (base_p * (base_topk_logp.float() - policy_topk_logp)).sum(-1)
+    head_terms = base_p * (base_topk_logp.float() - policy_topk_logp)
+    head = torch.where(base_p > 0, head_terms, torch.zeros_like(head_terms)).sum(-1)
     base_tail = (1.0 - base_p.sum(-1)).clamp_min(0.0)
     policy_head = policy_topk_logp.exp().sum(-1).clamp(max=1.0 - 1e-6)
     policy_log_tail = torch.log1p(-policy_head)
@@ -144,7 +147,10 @@ def fork_gated_loss(
     elif variant == "positive_only":
         fork_term = _masked_mean(adv * nll, pos_forks)
     elif variant == "split":
-        fork_term = _masked_mean(adv * nll, pos_forks) + _masked_mean(adv * nll, active_neg)
+        # Floored negatives stay in the count (as in ``signed``): flooring one fork must
+        # not raise the push-down on the others.
+        neg_sum = torch.where(active_neg, adv * nll, torch.zeros_like(nll)).sum()
+        fork_term = _masked_mean(adv * nll, pos_forks) + neg_sum / neg_forks.sum().clamp_min(1)
     else:  # hinge
         log_ratio = policy_logp - base_logp.float()
         hinge = torch.relu(hinge_margin - torch.sign(adv) * log_ratio) * adv.abs()

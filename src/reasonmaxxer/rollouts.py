@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from .config import DataConfig, RolloutConfig
 from .problems import Problem
 from .rewards import verify
-from .storage import append_jsonl, read_jsonl_resumable
+from .storage import append_jsonl, read_jsonl_resumable, write_jsonl
 
 
 def chat_prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig) -> list[int]:
@@ -100,19 +101,26 @@ def run_rollouts(
     finished batches and produces the same rollouts as an uninterrupted one.
     """
     start = time.perf_counter()
-    existing = read_jsonl_resumable(out_path)
-    done = {r["problem_id"] for r in existing}
     eos_ids = eos_token_ids(model, tokenizer)
     prompts = {p.id: chat_prompt_ids(tokenizer, p, data) for p in problems}
     order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
     per_call = max(1, cfg.batch_size // cfg.num_samples)
     batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]
-    todo = [(b, batch) for b, batch in enumerate(batches) if not all(p.id in done for p in batch)]
+
+    existing = read_jsonl_resumable(out_path)
+    counts = Counter(r["problem_id"] for r in existing)
+    finished = [all(counts[p.id] == cfg.num_samples for p in batch) for batch in batches]
+    # A batch is written whole; one with missing records was cut by a kill mid-write: drop
+    # what it left and sample it again, so the file matches an uninterrupted run.
+    partial = {p.id for batch, ok in zip(batches, finished) if not ok for p in batch}
+    if partial & counts.keys():
+        existing = [r for r in existing if r["problem_id"] not in partial]
+        write_jsonl(out_path, existing)
+    todo = [(b, batch) for b, (batch, ok) in enumerate(zip(batches, finished)) if not ok]
     new_tokens = 0
     bar = tqdm(total=len(problems), initial=len(problems) - sum(len(b) for _, b in todo),
                desc="rollouts", unit="problem", disable=not progress)
     for b, batch in todo:
-        batch = [p for p in batch if p.id not in done]
         results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids, seed=seed * 100003 + b)
         records = []
         for problem, samples in zip(batch, results):

@@ -46,10 +46,11 @@ def select_rollouts(rollouts: list[dict[str, Any]], cfg: SelectionConfig) -> tup
     mixed = [pid for pid, p in pass_rate.items() if 0.0 < p < 1.0]
     if not mixed:
         mean = sum(pass_rate.values()) / max(len(pass_rate), 1)
-        hint = "easier problems (data.kinds) or more samples" if mean < 0.5 else "harder problems"
+        direction = "easier" if mean < 0.5 else "harder"
         raise DataError(
             f"selection: no problem has both a correct and a wrong rollout among {len(pass_rate)} problems "
-            f"(mean pass rate {mean:.2f}); try {hint} (rollout.num_samples), or more problems (data.num_train)"
+            f"(mean pass rate {mean:.2f}); try {direction} problems (data.kinds), more samples per problem "
+            f"(rollout.num_samples) or more problems (data.num_train)"
         )
     mixed.sort(key=lambda pid: (abs(pass_rate[pid] - 0.5), pid))
     if cfg.max_problems is not None:

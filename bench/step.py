@@ -1,0 +1,111 @@
+"""Cost of a fork-gated training step against a plain LoRA step on the same batch.
+
+    python bench/step.py                 # SmolLM2-135M, batch 8 x 192, LoRA r16 all-linear, fp32
+    python bench/step.py --model tiny    # the in-process tiny model (seconds; a smoke test)
+
+Each repetition runs one step of every kind in turn (plain, gated with the cached top-k
+anchor, gated with the exact adapter-disabled anchor), each a forward, a backward and an
+AdamW step on the same PEFT model and batch; the medians are compared. The last line is
+`cached_ratio=<x> exact_ratio=<y>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from reasonmaxxer.config import load_config  # noqa: E402
+from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
+from reasonmaxxer.scoring import score_batch  # noqa: E402
+from reasonmaxxer.sequences import pack_batch  # noqa: E402
+from reasonmaxxer.testing import build_tiny_model_dir  # noqa: E402
+from reasonmaxxer.trainer import build_trainer  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="model name/path, or 'tiny'")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--completion-len", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--top-k", type=int, default=64)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+
+    tmp = tempfile.mkdtemp()
+    path = str(build_tiny_model_dir(Path(tmp) / "tiny")) if args.model == "tiny" else args.model
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype="auto")
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rollouts = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,)).tolist(),
+                 "completion_ids": torch.randint(3, vocab, (args.completion_len,)).tolist()}
+                for _ in range(args.batch)]
+    packed = {k: v.to(device) for k, v in pack_batch([r["prompt_ids"] for r in rollouts],
+                                                     [r["completion_ids"] for r in rollouts],
+                                                     tokenizer.pad_token_id).items()}
+    model.eval()
+    stats = score_batch(model, packed, top_k=args.top_k, chunk_size=128, entropy_temperature=0.6)
+    scores = {i: {k: v[i].cpu() for k, v in stats.items()} for i in range(args.batch)}
+    selection = [{"rollout_index": i, "advantage": 1.0 if i % 2 else -1.0} for i in range(args.batch)]
+    cfg = load_config(None, ["--scoring.top_k", str(args.top_k), "--lora.dropout", "0.0"])
+    trainer = build_trainer(cfg, model, tokenizer, rollouts, selection, scores, Path(tmp) / "ckpt",
+                            entropy_temperature=0.6)
+    peft_model = trainer.model
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    batch = {k: v.to(device) for k, v in trainer.data_collator([trainer.train_dataset[i]
+                                                                 for i in range(args.batch)]).items()}
+
+    def plain_loss() -> torch.Tensor:
+        C = batch["completion_ids"].shape[1]
+        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["completion_ids"].flatten(),
+                                                reduction="none").view_as(batch["completion_ids"])
+        mask = batch["completion_mask"].float()
+        return (nll * mask).sum() / mask.sum()
+
+    def gated_loss(anchor: str) -> torch.Tensor:
+        trainer.loss_cfg.kl_anchor = anchor
+        return trainer.compute_loss(peft_model, dict(batch))
+
+    kinds = {"plain": plain_loss, "cached": lambda: gated_loss("cached"), "exact": lambda: gated_loss("exact")}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
+        for name, fn in kinds.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep > 0:
+                times[name].append(time.perf_counter() - t0)
+    print(f"model={args.model} device={device} dtype={next(model.parameters()).dtype} batch={args.batch}x"
+          f"{args.prompt_len + args.completion_len} vocab={vocab} torch_threads={torch.get_num_threads()}")
+    for name, ts in times.items():
+        spread = f"{min(ts):.3f}-{max(ts):.3f}"
+        print(f"{name:>7}: median {statistics.median(ts):.3f} s  (min-max {spread}, n={len(ts)})")
+    plain = statistics.median(times["plain"])
+    print(f"cached_ratio={statistics.median(times['cached']) / plain:.3f} "
+          f"exact_ratio={statistics.median(times['exact']) / plain:.3f}")
+
+
+if __name__ == "__main__":
+    main()
