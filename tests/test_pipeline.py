@@ -126,3 +126,17 @@ def test_no_mixed_success_says_what_to_change(tiny_model_dir, tmp_path, capsys):
     assert code == 2
     assert "selection: no problem has both a correct and a wrong rollout" in err
     assert "rollout.num_samples" in err
+
+
+def test_training_logs_fork_metrics_to_wandb_offline(finished_run, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert train_main(_args(tiny_model_dir, finished_run, "--loss.kl_coef", "0.5", "--tracking.report_to", "wandb",
+                            "--tracking.project", "rm-test")) == 0
+    runs = sorted((finished_run / "wandb").glob("offline-run-*"))
+    assert runs
+    # Offline runs keep their records in a binary log (protobuf: keys are stored verbatim).
+    record = next(runs[-1].glob("run-*.wandb")).read_bytes()
+    for key in ("train/fork_fraction", "train/kl_term", "train/fork_term", "train/grad_norm",
+                "train/dlogp_pos_forks", "train/base_entropy_forks", "training/steps", '"kl_coef":0.5'):
+        assert key.encode() in record, key
