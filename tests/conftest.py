@@ -25,3 +25,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from reasonmaxxer.testing import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run (every training stage), with supplied mixed rewards."""
+    from reasonmaxxer.cli import train_main
+    from reasonmaxxer.testing import give_mixed_rewards, tiny_run_args
+
+    run_dir = tmp_path_factory.mktemp("run") / "demo"
+    assert train_main(tiny_run_args(tiny_model_dir, run_dir, "--stage", "problems")) == 0
+    assert train_main(tiny_run_args(tiny_model_dir, run_dir, "--stage", "rollouts")) == 0
+    give_mixed_rewards(run_dir / "rollouts.jsonl")
+    assert train_main(tiny_run_args(tiny_model_dir, run_dir)) == 0
+    return run_dir

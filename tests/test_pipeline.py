@@ -10,31 +10,9 @@ import torch
 import yaml
 
 from reasonmaxxer.cli import train_main
-
-pytestmark = pytest.mark.slow
-
-
-def _args(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "--no-progress",
-        "--model.name_or_path", str(model_dir),
-        "--output_dir", str(run_dir),
-        "--data.num_train", "6", "--data.num_heldout", "4",
-        "--rollout.num_samples", "4", "--rollout.max_new_tokens", "12", "--rollout.batch_size", "8",
-        "--scoring.top_k", "8", "--scoring.chunk_size", "5",
-        "--training.max_steps", "3", "--training.per_device_train_batch_size", "4",
-        "--training.save_steps", "2",
-        *extra,
-    ]
+from reasonmaxxer.testing import tiny_run_args
 
 
-def _give_mixed_rewards(run_dir: Path) -> None:
-    """A random tiny model solves nothing: supply rewards so selection has mixed problems."""
-    path = run_dir / "rollouts.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:
-        r["reward"] = float(r["sample"] % 2 == 0)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _stage_lines(out: str) -> dict[str, str]:
@@ -46,16 +24,12 @@ def _stage_lines(out: str) -> dict[str, str]:
     return lines
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run") / "demo"
-    assert train_main(_args(tiny_model_dir, run_dir, "--stage", "problems")) == 0
-    assert train_main(_args(tiny_model_dir, run_dir, "--stage", "rollouts")) == 0
-    _give_mixed_rewards(run_dir)
-    assert train_main(_args(tiny_model_dir, run_dir)) == 0
-    return run_dir
+@pytest.fixture()
+def finished_run(trained_run):
+    return trained_run
 
 
+@pytest.mark.slow
 def test_every_stage_writes_its_outputs(finished_run, tiny_model_dir):
     run = finished_run
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -79,6 +53,7 @@ def test_every_stage_writes_its_outputs(finished_run, tiny_model_dir):
         assert all(key in h and h[key] == h[key] for h in steps), key  # present and not NaN
 
 
+@pytest.mark.slow
 def test_adapter_loads_with_peft_and_changed_the_model(finished_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -93,14 +68,15 @@ def test_adapter_loads_with_peft_and_changed_the_model(finished_run, tiny_model_
     assert (after - before).abs().max() > 0  # LoRA B is zero at init: any change means it trained
 
 
+@pytest.mark.slow
 def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(finished_run, tiny_model_dir, capsys):
     capsys.readouterr()
-    assert train_main(_args(tiny_model_dir, finished_run)) == 0
+    assert train_main(tiny_run_args(tiny_model_dir, finished_run)) == 0
     lines = _stage_lines(capsys.readouterr().out)
     assert all("skipped" in lines[s] for s in ("problems", "rollouts", "scoring", "selection", "training"))
 
     # A gate change invalidates training only.
-    assert train_main(_args(tiny_model_dir, finished_run, "--gate.mode", "topk", "--gate.k", "2")) == 0
+    assert train_main(tiny_run_args(tiny_model_dir, finished_run, "--gate.mode", "topk", "--gate.k", "2")) == 0
     lines = _stage_lines(capsys.readouterr().out)
     assert all("skipped" in lines[s] for s in ("problems", "rollouts", "scoring", "selection"))
     assert "skipped" not in lines["training"]
@@ -109,29 +85,31 @@ def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(finished_run, tiny
 
 
 def test_stage_alone_needs_its_inputs(tiny_model_dir, tmp_path, capsys):
-    code = train_main(_args(tiny_model_dir, tmp_path / "fresh", "--stage", "scoring"))
+    code = train_main(tiny_run_args(tiny_model_dir, tmp_path / "fresh", "--stage", "scoring"))
     err = capsys.readouterr().err
     assert code == 2
     assert "stage 'rollouts' has not run with this config" in err and "\n" == err[-1] and err.count("\n") == 1
 
 
 def test_unknown_stage(tiny_model_dir, tmp_path, capsys):
-    assert train_main(_args(tiny_model_dir, tmp_path / "x", "--stage", "rolouts")) == 2
+    assert train_main(tiny_run_args(tiny_model_dir, tmp_path / "x", "--stage", "rolouts")) == 2
     assert "unknown stage 'rolouts'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_mixed_success_says_what_to_change(tiny_model_dir, tmp_path, capsys):
-    code = train_main(_args(tiny_model_dir, tmp_path / "nomix"))
+    code = train_main(tiny_run_args(tiny_model_dir, tmp_path / "nomix"))
     err = capsys.readouterr().err
     assert code == 2
     assert "selection: no problem has both a correct and a wrong rollout" in err
     assert "rollout.num_samples" in err
 
 
+@pytest.mark.slow
 def test_training_logs_fork_metrics_to_wandb_offline(finished_run, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    assert train_main(_args(tiny_model_dir, finished_run, "--loss.kl_coef", "0.5", "--tracking.report_to", "wandb",
+    assert train_main(tiny_run_args(tiny_model_dir, finished_run, "--loss.kl_coef", "0.5", "--tracking.report_to", "wandb",
                             "--tracking.project", "rm-test")) == 0
     runs = sorted((finished_run / "wandb").glob("offline-run-*"))
     assert runs
@@ -140,3 +118,32 @@ def test_training_logs_fork_metrics_to_wandb_offline(finished_run, tiny_model_di
     for key in ("train/fork_fraction", "train/kl_term", "train/fork_term", "train/grad_norm",
                 "train/dlogp_pos_forks", "train/base_entropy_forks", "training/steps", '"kl_coef":0.5'):
         assert key.encode() in record, key
+
+
+def test_problems_from_a_local_file(tmp_path, capsys):
+    data = tmp_path / "gsm.jsonl"
+    rows = [{"question": f"Tom has {i} apples and buys {i + 1}. How many?", "solution": f"so #### {2 * i + 1}"}
+            for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    code = train_main(["--no-progress", "--output_dir", str(run), "--stage", "problems", "--data.source", "file",
+                       "--data.path", str(data), "--data.prompt_column", "question",
+                       "--data.answer_column", "solution", "--data.num_train", "8", "--data.num_heldout", "3"])
+    assert code == 0
+    problems = [json.loads(x) for x in (run / "problems.jsonl").read_text().splitlines()]
+    train = [p for p in problems if p["split"] == "train"]
+    heldout = [p for p in problems if p["split"] == "heldout"]
+    assert len(train) == 8 and len(heldout) == 3
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in heldout}
+    answers = {r["question"]: r["solution"].split("####")[1].strip() for r in rows}
+    assert all(p["answer"] == answers[p["prompt"]] for p in problems)
+
+
+def test_malformed_row_is_one_line_with_its_line_number(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?", "answer": \n')
+    code = train_main(["--no-progress", "--output_dir", str(tmp_path / "run"), "--stage", "problems",
+                       "--data.source", "file", "--data.path", str(data)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "bad.jsonl" in err and "line 2" in err

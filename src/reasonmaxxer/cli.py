@@ -49,6 +49,56 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``python eval.py --config FILE [--adapter PATH] [--base ID_OR_PATH] [--output_dir DIR]``."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py",
+        description="Measure how far an adapter moved its base at forks vs elsewhere, and whether it got better. "
+        "Config keys can be overridden as --section.key value (e.g. --eval.num_samples 4).",
+    )
+    parser.add_argument("--config", help="the YAML config the run was trained with")
+    parser.add_argument("--adapter", help="PEFT adapter folder (default: <output_dir>/adapter)")
+    parser.add_argument("--base", help="base model id or folder (default: model.name_or_path)")
+    parser.add_argument("--run_dir", help="the trained run's folder (default: the config's output_dir)")
+    parser.add_argument("--output_dir", dest="eval_dir",
+                        help="where to write the results (default: the run's folder, the config's output_dir)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from pathlib import Path
+
+        from .config import load_config
+
+        cfg = load_config(args.config, overrides)
+        if args.run_dir:
+            cfg.output_dir = args.run_dir
+        from .evaluation import run_eval
+
+        run_dir = Path(cfg.output_dir)
+        result = run_eval(
+            cfg,
+            adapter_path=Path(args.adapter) if args.adapter else run_dir / "adapter",
+            base_path=args.base or cfg.model.name_or_path,
+            out=Path(args.eval_dir) if args.eval_dir else run_dir,
+            progress=not args.no_progress,
+        )
+    except UserError as err:
+        return _fail(err)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    from .report import console_summary
+
+    print(console_summary(result))
+    return 0
+
+
+def main_eval() -> None:  # console script
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(eval_main())
+
+
 def main_train() -> None:  # console script
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(train_main())

@@ -147,6 +147,18 @@ class TrackingConfig:
     tags: list[str] = _help("W&B tags.", default_factory=list)
 
 
+@dataclass
+class EvalConfig:
+    num_samples: int = _help("Samples per held-out problem for pass@1 / pass@k (k = this).", default=8)
+    max_problems: int | None = _help("Evaluate at most this many held-out problems (default: all).", default=None)
+    movement_rollouts: int = _help(
+        "Held-out base rollouts teacher-forced for movement (half correct, half wrong where possible).", default=64
+    )
+    greedy: bool = _help("Also measure greedy accuracy (one extra sample per problem and model).", default=True)
+    bootstrap: int = _help("Bootstrap resamples for the confidence interval of delta pass@1.", default=2000)
+    top_positions: int = _help("Most-moved positions kept for the W&B table and the report.", default=50)
+
+
 # Defaults for the pass-through TRL/transformers training arguments (the `training:` section).
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-4,
@@ -188,6 +200,7 @@ class Config:
         metadata={"help": "TRL SFTConfig / transformers TrainingArguments, passed through."},
     )
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -349,6 +362,12 @@ def _check_ranges(cfg: Config) -> None:
         need(bool(cfg.data.name), "data.name", cfg.data.name, "is required with data.source: hf")
     if cfg.data.source == "file":
         need(bool(cfg.data.path), "data.path", cfg.data.path, "is required with data.source: file")
+    need(cfg.eval.num_samples >= 1, "eval.num_samples", cfg.eval.num_samples, "must be >= 1")
+    m = cfg.eval.max_problems
+    need(m is None or m >= 1, "eval.max_problems", m, "must be >= 1")
+    need(cfg.eval.movement_rollouts >= 1, "eval.movement_rollouts", cfg.eval.movement_rollouts, "must be >= 1")
+    need(cfg.eval.bootstrap >= 100, "eval.bootstrap", cfg.eval.bootstrap, "must be >= 100")
+    need(cfg.eval.top_positions >= 1, "eval.top_positions", cfg.eval.top_positions, "must be >= 1")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
     need(cfg.lora.alpha >= 1, "lora.alpha", cfg.lora.alpha, "must be >= 1")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")

@@ -29,6 +29,7 @@ MOVEMENT_KEYS = (
     "kl",
     "js",
     "base_entropy",
+    "policy_entropy",
     "top1_agree",
     "shift_class",
     "promoted_base_rank",
@@ -90,7 +91,7 @@ def position_movement(
         logits exactly; +inf where the policy gives -inf to a token the base supports);
         ``js`` fp32 Jensen–Shannon divergence with M = (P + Q) / 2, natural log, clamped
         to [0, ln 2];
-        ``base_entropy`` fp32 base entropy at ``entropy_temperature`` (nats);
+        ``base_entropy`` / ``policy_entropy`` fp32 entropies at ``entropy_temperature`` (nats);
         ``top1_agree`` bool, argmax equal (torch.argmax's first-index tie-break);
         ``shift_class`` int8, 0 UNSHIFTED / 1 RERANKED / 2 SHIFTED;
         ``promoted_base_rank`` int64, 1-based rank under the base of the policy's argmax,
@@ -136,8 +137,10 @@ def position_movement(
     out["kl"] = _masked_sum_p_times(bp, blp - plp)
     if entropy_temperature == 1.0:
         out["base_entropy"] = (-_masked_sum_p_times(bp, blp.clone())).clamp_min(0.0)
+        out["policy_entropy"] = (-_masked_sum_p_times(plp.exp(), plp.clone())).clamp_min(0.0)
     else:
         out["base_entropy"] = token_entropy(base_logits, temperature=entropy_temperature)
+        out["policy_entropy"] = token_entropy(policy_logits, temperature=entropy_temperature)
 
     # JS = 1/2 KL(P || M) + 1/2 KL(Q || M), log M = logaddexp(log P, log Q) - ln 2.
     log_m = torch.logaddexp(blp, plp).sub_(_LN2)

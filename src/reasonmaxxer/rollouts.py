@@ -54,8 +54,11 @@ def generate_batch(
     eos_ids: set[int],
     *,
     seed: int,
+    do_sample: bool = True,
 ) -> list[list[tuple[list[int], str]]]:
     """cfg.num_samples completions for each prompt, sampled in one ``generate`` call.
+
+    With ``do_sample=False`` the completion is greedy (cfg.num_samples must then be 1).
 
     Returns, per prompt, a list of (completion_ids, finish_reason).
     """
@@ -65,13 +68,12 @@ def generate_batch(
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0} if do_sample \
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
+        **sampling,
         max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=cfg.num_samples,
         eos_token_id=sorted(eos_ids),
@@ -93,6 +95,8 @@ def run_rollouts(
     seed: int,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    do_sample: bool = True,
+    desc: str = "rollouts",
 ) -> dict[str, Any]:
     """Sample, verify and append rollouts to ``out_path``; resume from what it holds.
 
@@ -119,9 +123,10 @@ def run_rollouts(
     todo = [(b, batch) for b, (batch, ok) in enumerate(zip(batches, finished)) if not ok]
     new_tokens = 0
     bar = tqdm(total=len(problems), initial=len(problems) - sum(len(b) for _, b in todo),
-               desc="rollouts", unit="problem", disable=not progress)
+               desc=desc, unit="problem", disable=not progress)
     for b, batch in todo:
-        results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids, seed=seed * 100003 + b)
+        results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids,
+                                 seed=seed * 100003 + b, do_sample=do_sample)
         records = []
         for problem, samples in zip(batch, results):
             for j, (completion, finish) in enumerate(samples):

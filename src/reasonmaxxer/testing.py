@@ -120,3 +120,29 @@ def build_tiny_model_dir(
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def tiny_run_args(model_dir: str | Path, run_dir: str | Path, *extra: str) -> list[str]:
+    """train.py/eval.py arguments for a run on the tiny model that takes seconds."""
+    return [
+        "--no-progress",
+        "--model.name_or_path", str(model_dir),
+        "--output_dir", str(run_dir),
+        "--data.num_train", "6", "--data.num_heldout", "4",
+        "--rollout.num_samples", "4", "--rollout.max_new_tokens", "12", "--rollout.batch_size", "8",
+        "--scoring.top_k", "8", "--scoring.chunk_size", "5",
+        "--training.max_steps", "3", "--training.per_device_train_batch_size", "4",
+        "--training.save_steps", "2",
+        *extra,
+    ]
+
+
+def give_mixed_rewards(rollouts_path: str | Path) -> None:
+    """A random tiny model solves nothing: mark even samples correct so selection has work."""
+    import json
+
+    path = Path(rollouts_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        r["reward"] = float(r["sample"] % 2 == 0)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -72,6 +72,36 @@ class Tracker:
             if isinstance(value, (int, float)):
                 self.run.summary[f"{prefix}/{key}"] = value
 
+    def log_eval(self, movement: dict[str, Any], accuracy: dict[str, Any], top: list[dict[str, Any]],
+                 flat: dict[str, Any]) -> None:
+        """Eval summary metrics, a table of the most-moved positions, entropy and KL histograms."""
+        if self.run is None:
+            return
+        import wandb
+
+        for where in ("fork", "nonfork"):
+            for key, value in (movement.get(where) or {}).items():
+                if isinstance(value, (int, float)):
+                    self.run.summary[f"movement/{where}/{key}"] = value
+        for key in ("kl_ratio", "kl_share_at_forks", "fork_share_of_positions", "high_entropy_overlap"):
+            if isinstance(movement.get(key), (int, float)):
+                self.run.summary[f"movement/{key}"] = movement[key]
+        for who in ("base", "adapter"):
+            for key, value in accuracy[who].items():
+                if isinstance(value, (int, float)):
+                    self.run.summary[f"accuracy/{who}/{key}"] = value
+        delta = accuracy["delta_pass_at_1"]
+        if delta["mean"] is not None:
+            self.run.summary["accuracy/delta_pass_at_1"] = delta["mean"]
+            self.run.summary["accuracy/delta_pass_at_1_ci_lo"] = delta["ci95"][0]
+            self.run.summary["accuracy/delta_pass_at_1_ci_hi"] = delta["ci95"][1]
+        if top:
+            columns = list(top[0])
+            self.run.log({"eval/most_moved": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in top])})
+        histograms = {"eval/base_entropy": flat["base_entropy"], "eval/kl_fork": flat["kl"][flat["fork"]],
+                      "eval/kl_nonfork": flat["kl"][~flat["fork"]]}
+        self.run.log({k: wandb.Histogram(v.numpy()) for k, v in histograms.items() if v.numel()})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Evaluate a trained adapter: `python eval.py --config configs/demo.yaml`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from reasonmaxxer.cli import main_eval  # noqa: E402
+
+if __name__ == "__main__":
+    main_eval()

@@ -1,0 +1,66 @@
+"""Task accuracy of base and adapter on held-out problems: pass@1, pass@k, greedy, and
+the paired bootstrap interval of the difference."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from math import comb
+from typing import Any
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def per_problem_rewards(rollouts: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Rewards of each problem's rollouts, keyed by problem id."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in rollouts:
+        out[r["problem_id"]].append(float(r["reward"]))
+    return dict(out)
+
+
+def accuracy_summary(sampled: list[dict[str, Any]], greedy: list[dict[str, Any]] | None, k: int) -> dict[str, Any]:
+    """pass@1 (mean over samples, then problems), pass@k, greedy accuracy and n."""
+    rewards = per_problem_rewards(sampled)
+    p1 = [pass_at_k(len(r), int(sum(r)), 1) for r in rewards.values()]
+    pk = [pass_at_k(len(r), int(sum(r)), min(k, len(r))) for r in rewards.values()]
+    out: dict[str, Any] = {
+        "n": len(rewards),
+        "samples_per_problem": k,
+        "pass_at_1": float(np.mean(p1)) if p1 else None,
+        f"pass_at_{k}": float(np.mean(pk)) if pk else None,
+    }
+    if greedy is not None:
+        g = per_problem_rewards(greedy)
+        out["greedy_accuracy"] = float(np.mean([v[0] for v in g.values()])) if g else None
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for r in sampled:
+        kinds[r.get("kind") or "all"].append(float(r["reward"]))
+    out["pass_at_1_by_kind"] = {kind: float(np.mean(v)) for kind, v in sorted(kinds.items())}
+    out["mean_completion_tokens"] = float(np.mean([len(r["completion_ids"]) for r in sampled])) if sampled else None
+    return out
+
+
+def paired_bootstrap_delta(
+    base: dict[str, list[float]], adapter: dict[str, list[float]], *, resamples: int, seed: int
+) -> dict[str, Any]:
+    """Mean and 95% percentile interval of pass@1(adapter) - pass@1(base), resampling problems.
+
+    Both models answered the same problems, so the difference is paired per problem.
+    """
+    ids = sorted(set(base) & set(adapter))
+    if not ids:
+        return {"mean": None, "ci95": [None, None], "n": 0}
+    diff = np.array([np.mean(adapter[i]) - np.mean(base[i]) for i in ids])
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": len(ids)}

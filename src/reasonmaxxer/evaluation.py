@@ -1,0 +1,259 @@
+"""Evaluation of an adapter against its base on held-out problems.
+
+(a) Movement: held-out rollouts sampled from the base are teacher-forced through the base
+(adapter disabled) and the policy; per completion position we measure KL, JS, top-1
+agreement, shift class and Δlog p, split by the training gate into forks and non-forks.
+(b) Accuracy: pass@1 / pass@k / greedy accuracy of both models on the same problems, and
+the paired bootstrap interval of Δpass@1.
+
+Every sampling step writes incrementally under ``<out>/`` and resumes like training's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .accuracy import accuracy_summary, paired_bootstrap_delta, per_problem_rewards
+from .config import Config
+from .entropy import fork_mask
+from .errors import ConfigError, DataError
+from .problems import Problem
+from .rollouts import run_rollouts
+from .sequences import pack_batch, pad_ragged
+from .storage import atomic_write_json, fingerprint, read_json, read_jsonl_resumable
+
+
+def heldout_problems(cfg: Config) -> list[Problem]:
+    """The run's held-out split (from its problems.jsonl, else regenerated from the config)."""
+    path = Path(cfg.output_dir) / "problems.jsonl"
+    if path.exists():
+        fields = {f.name for f in dataclasses.fields(Problem)}
+        problems = [Problem(**{k: v for k, v in r.items() if k in fields})
+                    for r in read_jsonl_resumable(path) if r.get("split") == "heldout"]
+    else:
+        from .pipeline import load_problems
+
+        problems = load_problems(cfg)[1]
+    if not problems:
+        raise DataError("eval: there are no held-out problems; set data.num_heldout > 0 and rerun the problems stage")
+    return problems[: cfg.eval.max_problems] if cfg.eval.max_problems else problems
+
+
+def load_policy(base_path: str, adapter_path: Path, cfg: Config) -> tuple[Any, Any]:
+    """Base model with the adapter attached (PeftModel) and its tokenizer."""
+    from peft import PeftModel
+
+    from .modeling import load_model, load_tokenizer
+
+    if not (adapter_path / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: '{adapter_path}' is not a PEFT adapter folder (no adapter_config.json); "
+                          "train first or pass --adapter PATH")
+    tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    base = load_model(base_path, dtype=cfg.model.dtype, device=cfg.model.device,
+                      trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_path))
+    except (RuntimeError, ValueError, KeyError) as err:
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "size mismatch" in ln or "Missing key" in ln), lines[0] if lines else "")
+        raise ConfigError(f"--adapter: '{adapter_path}' does not match the base '{base_path}': {first[:300]}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _reset_if_stale(folder: Path, settings: dict[str, Any]) -> None:
+    """Samples on disk are reused only if made with the same adapter, base and settings."""
+    stamp = folder / "settings.json"
+    fp = fingerprint(settings)
+    if stamp.exists() and read_json(stamp).get("fingerprint") == fp:
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    atomic_write_json(stamp, {"fingerprint": fp})
+
+
+def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config, out: Path, progress: bool,
+                *, adapter_path: Path, base_path: str) -> dict[str, list[dict[str, Any]]]:
+    """Sampled (k per problem) and greedy rollouts of base and adapter, same seeds for both."""
+    k = cfg.eval.num_samples
+    sampled_cfg = dataclasses.replace(cfg.rollout, num_samples=k)
+    greedy_cfg = dataclasses.replace(cfg.rollout, num_samples=1, batch_size=max(cfg.rollout.batch_size, 1))
+    seed = cfg.seed + 7919  # not the training rollouts' seed
+    results: dict[str, list[dict[str, Any]]] = {}
+    _reset_if_stale(out, {"adapter": _file_digest(adapter_path / "adapter_model.safetensors"), "base": base_path,
+                          "rollout": dataclasses.asdict(cfg.rollout), "eval": dataclasses.asdict(cfg.eval),
+                          "data": dataclasses.asdict(cfg.data), "problems": [p.id for p in problems],
+                          "seed": cfg.seed})
+    for who in ("base", "adapter"):
+        if who == "adapter":
+            model.merge_adapter()  # merged weights generate as fast as the base
+        try:
+            ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
+            with ctx:
+                run_rollouts(model, tokenizer, problems, cfg.data, sampled_cfg, out / f"{who}_samples.jsonl",
+                             seed=seed, progress=progress, desc=f"eval {who} samples")
+                if cfg.eval.greedy:
+                    run_rollouts(model, tokenizer, problems, cfg.data, greedy_cfg, out / f"{who}_greedy.jsonl",
+                                 seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy")
+        finally:
+            if who == "adapter":
+                model.unmerge_adapter()
+        results[f"{who}_samples"] = read_jsonl_resumable(out / f"{who}_samples.jsonl")
+        results[f"{who}_greedy"] = read_jsonl_resumable(out / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
+    return results
+
+
+def accuracy_report(samples: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    k = cfg.eval.num_samples
+    return {
+        "base": accuracy_summary(samples["base_samples"], samples["base_greedy"], k),
+        "adapter": accuracy_summary(samples["adapter_samples"], samples["adapter_greedy"], k),
+        "delta_pass_at_1": paired_bootstrap_delta(
+            per_problem_rewards(samples["base_samples"]), per_problem_rewards(samples["adapter_samples"]),
+            resamples=cfg.eval.bootstrap, seed=cfg.seed,
+        ),
+    }
+
+
+def pick_movement_rollouts(rollouts: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to n rollouts alternating correct and wrong (then whatever is left), in file order."""
+    correct = [r for r in rollouts if r["reward"] > 0]
+    wrong = [r for r in rollouts if r["reward"] <= 0]
+    picked: list[dict[str, Any]] = []
+    while len(picked) < n and (correct or wrong):
+        for pool in (correct, wrong):
+            if pool and len(picked) < n:
+                picked.append(pool.pop(0))
+    return picked
+
+
+@torch.no_grad()
+def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]], cfg: Config,
+                       entropy_temperature: float, progress: bool) -> dict[str, Any]:
+    """Per-position movement over the given base rollouts, flattened, with the gate's forks."""
+    from .movement import movement_for_batch
+
+    device = next(model.parameters()).device
+    per_rollout: list[dict[str, torch.Tensor]] = []
+    bs = cfg.scoring.batch_size
+    for s in tqdm(range(0, len(rollouts), bs), desc="eval movement", unit="batch", disable=not progress):
+        chunk = rollouts[s : s + bs]
+        packed = pack_batch([r["prompt_ids"] for r in chunk], [r["completion_ids"] for r in chunk],
+                            tokenizer.pad_token_id)
+        packed = {k: v.to(device) for k, v in packed.items()}
+        stats = movement_for_batch(model, packed, chunk_size=cfg.scoring.chunk_size,
+                                   entropy_temperature=entropy_temperature)
+        for i, r in enumerate(chunk):
+            L = len(r["completion_ids"])
+            per_rollout.append({k: v[i, :L].cpu() for k, v in stats.items()})
+    lengths = [len(r["completion_ids"]) for r in rollouts]
+    T = max(lengths)
+    mask = pad_ragged([torch.ones(L, dtype=torch.bool) for L in lengths], T, False)
+    base_h = pad_ragged([p["base_entropy"] for p in per_rollout], T)
+    g = cfg.gate
+    forks = fork_mask(base_h, mask, mode=g.mode, tau=g.tau, quantile=g.quantile, k=g.k)
+    flat = {k: torch.cat([p[k] for p in per_rollout]) for k in per_rollout[0]}
+    flat["fork"] = forks[mask]
+    flat["correct"] = torch.cat([torch.full((L,), r["reward"] > 0) for L, r in zip(lengths, rollouts)])
+    flat["rollout"] = torch.cat([torch.full((L,), i) for i, L in enumerate(lengths)])
+    flat["position"] = torch.cat([torch.arange(L) for L in lengths])
+    flat["token_id"] = torch.cat([torch.tensor(r["completion_ids"]) for r in rollouts])
+    return {"flat": flat, "mask": mask, "base_entropy_padded": base_h,
+            "policy_entropy_padded": pad_ragged([p["policy_entropy"] for p in per_rollout], T)
+            if "policy_entropy" in per_rollout[0] else None}
+
+
+def movement_report(pos: dict[str, Any], cfg: Config, entropy_temperature: float) -> dict[str, Any]:
+    from .movement import entropy_deciles, high_entropy_overlap, summarize
+
+    flat = pos["flat"]
+    report = summarize(flat, flat["fork"], flat["correct"])
+    report["gate"] = {**dataclasses.asdict(cfg.gate), "entropy_temperature": entropy_temperature}
+    if pos["policy_entropy_padded"] is not None:
+        report["high_entropy_overlap"] = high_entropy_overlap(
+            pos["base_entropy_padded"], pos["policy_entropy_padded"], pos["mask"], quantile=0.2)
+    else:
+        report["high_entropy_overlap"] = None
+    report["entropy_deciles"] = entropy_deciles(flat["base_entropy"], flat["kl"], flat["top1_agree"])
+    return report
+
+
+def most_moved(pos: dict[str, Any], rollouts: list[dict[str, Any]], tokenizer: Any, n: int) -> list[dict[str, Any]]:
+    """The n positions with the largest KL, with their context, for tables and the report."""
+    flat = pos["flat"]
+    order = torch.argsort(flat["kl"], descending=True)[:n].tolist()
+    rows = []
+    for j in order:
+        r = rollouts[int(flat["rollout"][j])]
+        t = int(flat["position"][j])
+        rows.append({
+            "context": tokenizer.decode(r["completion_ids"][max(0, t - 12) : t]),
+            "token": tokenizer.decode([r["completion_ids"][t]]),
+            "base_p": float(flat["base_logp"][j].exp()),
+            "policy_p": float(flat["policy_logp"][j].exp()),
+            "kl": float(flat["kl"][j]),
+            "base_entropy": float(flat["base_entropy"][j]),
+            "fork": bool(flat["fork"][j]),
+            "correct_rollout": bool(flat["correct"][j]),
+        })
+    return rows
+
+
+def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Everything eval.py writes: movement.json, accuracy.json, report.md, plots, forks.html."""
+    from .report import write_report
+    from .tracking import Tracker
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    problems = heldout_problems(cfg)
+    model, tokenizer = load_policy(base_path, adapter_path, cfg)
+    entropy_temperature = cfg.scoring.entropy_temperature or cfg.rollout.temperature
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    samples = sample_both(model, tokenizer, problems, cfg, out / "eval_samples", progress,
+                          adapter_path=adapter_path, base_path=base_path)
+    timings["sampling_s"] = time.perf_counter() - t0
+    accuracy = accuracy_report(samples, cfg)
+    atomic_write_json(out / "accuracy.json", accuracy)
+
+    t0 = time.perf_counter()
+    moved_on = pick_movement_rollouts(list(samples["base_samples"]), cfg.eval.movement_rollouts)
+    pos = movement_positions(model, tokenizer, moved_on, cfg, entropy_temperature, progress)
+    movement = movement_report(pos, cfg, entropy_temperature)
+    timings["movement_s"] = time.perf_counter() - t0
+    movement["rollouts"] = len(moved_on)
+    atomic_write_json(out / "movement.json", movement)
+
+    top = most_moved(pos, moved_on, tokenizer, cfg.eval.top_positions)
+    write_report(out, movement=movement, accuracy=accuracy, positions=pos, rollouts=moved_on, tokenizer=tokenizer,
+                 top=top)
+    timings["total_s"] = time.perf_counter() - start
+
+    tracking_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, run_name=(cfg.tracking.run_name or Path(cfg.output_dir).name) + "-eval"))
+    tracker = Tracker(tracking_cfg, out)
+    try:
+        tracker.log_eval(movement, accuracy, top, pos["flat"])
+    finally:
+        tracker.finish()
+    return {"movement": movement, "accuracy": accuracy, "timings": timings}
