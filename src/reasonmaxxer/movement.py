@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .entropy import fork_mask, token_entropy
-from .scoring import _decoder_and_head
+from .scoring import completion_hidden, head_logits
 
 UNSHIFTED, RERANKED, SHIFTED = 0, 1, 2
 """``shift_class`` codes: same argmax / argmax changed to a base top-n token / changed to one outside."""
@@ -182,37 +182,20 @@ def movement_for_batch(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     base_model = model.get_base_model()
-    decoder, head = _decoder_and_head(base_model)
-    softcap = getattr(base_model.config, "final_logit_softcapping", None)
     targets = batch["completion_ids"]
     B, C = targets.shape
-
-    def hidden_states() -> torch.Tensor:
-        hidden = decoder(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).last_hidden_state
-        return hidden[:, -C - 1 : -1]  # column P + j - 1 predicts completion token j
-
-    def logits_of(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
 
     was_training = model.training
     model.eval()
     try:
         with model.disable_adapter():
-            base_hidden = hidden_states()
-        policy_hidden = hidden_states()
+            base_hidden = completion_hidden(base_model, batch)
+        policy_hidden = completion_hidden(base_model, batch)
         parts: list[dict[str, torch.Tensor]] = []
         for s in range(0, C, chunk_size):
             with model.disable_adapter():
-                base_logits = logits_of(base_hidden[:, s : s + chunk_size])
-            policy_logits = logits_of(policy_hidden[:, s : s + chunk_size])
+                base_logits = head_logits(base_model, base_hidden[:, s : s + chunk_size])
+            policy_logits = head_logits(base_model, policy_hidden[:, s : s + chunk_size])
             parts.append(
                 position_movement(
                     base_logits,

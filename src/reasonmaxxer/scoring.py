@@ -28,6 +28,31 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any]:
     return decoder, model.get_output_embeddings()
 
 
+def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, C, H) decoder states that predict each completion token (one decoder pass).
+
+    Column P + j - 1 of a packed batch predicts completion token j.
+    """
+    decoder, _ = _decoder_and_head(model)
+    hidden = decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+    C = batch["completion_ids"].shape[1]
+    return hidden[:, hidden.shape[1] - C - 1 : -1]
+
+
+def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on a chunk of hidden states, with the model's final-logit softcap if any."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 @torch.no_grad()
 def score_batch(
     model: Any,
@@ -46,30 +71,13 @@ def score_batch(
         ``entropy`` (B, C), ``logp`` (B, C), and with top_k > 0 ``topk_logp`` (B, C, K),
         ``topk_ids`` (B, C, K); values at padding positions are meaningless.
     """
-    decoder, head = _decoder_and_head(model)
-    hidden = decoder(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
-    C = batch["completion_ids"].shape[1]
-    # Hidden state at column P + j - 1 predicts completion token j.
-    hidden = hidden[:, -C - 1 : -1]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    hidden = completion_hidden(model, batch)
+    targets = batch["completion_ids"]
     parts: list[dict[str, torch.Tensor]] = []
-    for s in range(0, C, chunk_size):
-        logits = head(hidden[:, s : s + chunk_size])
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        parts.append(
-            token_stats(
-                logits,
-                batch["completion_ids"][:, s : s + chunk_size],
-                top_k=top_k,
-                entropy_temperature=entropy_temperature,
-            )
-        )
+    for s in range(0, targets.shape[1], chunk_size):
+        logits = head_logits(model, hidden[:, s : s + chunk_size])
+        parts.append(token_stats(logits, targets[:, s : s + chunk_size], top_k=top_k,
+                                 entropy_temperature=entropy_temperature))
         del logits
     return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
