@@ -147,3 +147,16 @@ def test_malformed_row_is_one_line_with_its_line_number(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "bad.jsonl" in err and "line 2" in err
+
+
+@pytest.mark.parametrize("model, message", [
+    ("./no/such/folder", "model.name_or_path: folder './no/such/folder' does not exist"),
+    ("some-org/some-model", "model.name_or_path: cannot load 'some-org/some-model' from the Hugging Face hub "
+                            "(offline: HF_HUB_OFFLINE=1)"),
+])
+def test_bad_model_stops_before_any_work(tmp_path, capsys, model, message):
+    run = tmp_path / "run"
+    assert train_main(["--no-progress", "--output_dir", str(run), "--model.name_or_path", model]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not run.exists()

@@ -52,8 +52,9 @@ def load_policy(base_path: str, adapter_path: Path, cfg: Config) -> tuple[Any, A
     """Base model with the adapter attached (PeftModel) and its tokenizer."""
     from peft import PeftModel
 
-    from .modeling import load_model, load_tokenizer
+    from .modeling import check_model_source, load_model, load_tokenizer
 
+    check_model_source(base_path)
     if not (adapter_path / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: '{adapter_path}' is not a PEFT adapter folder (no adapter_config.json); "
                           "train first or pass --adapter PATH")

