@@ -12,11 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasonmaxxer.config import DataConfig, RolloutConfig
 from reasonmaxxer.problems import Problem, builtin_arithmetic
 from reasonmaxxer.rewards import verify
-from reasonmaxxer.rollouts import chat_prompt_ids, cut_at_eos, eos_token_ids, generate_batch, run_rollouts
+from reasonmaxxer.rollouts import (
+    chat_prompt_ids,
+    cut_at_eos,
+    eos_token_ids,
+    fast_generate,
+    generate_batch,
+    run_rollouts,
+    sample_next,
+)
 
 CFG = RolloutConfig(num_samples=2, max_new_tokens=8, batch_size=4)
 FIELDS = {"problem_id", "sample", "prompt_ids", "completion_ids", "text", "finish", "reward"}
@@ -168,14 +177,17 @@ def _read(path: Path):
 
 
 def _count_generate(model, monkeypatch):
+    """Count the sampling calls (any backend) and the prompts in each."""
+    import reasonmaxxer.rollouts as rollouts_module
+
     calls = []
-    original = model.generate
+    original = rollouts_module.generate_batch
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counting(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return original(model, tokenizer, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counting)
+    monkeypatch.setattr(rollouts_module, "generate_batch", counting)
     return calls
 
 
@@ -289,3 +301,83 @@ def test_run_rollouts_resume_after_torn_batch_write(model, tokenizer, problems, 
         counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
     assert counts == {p.id: CFG.num_samples for p in problems}, counts
     assert _key(final) == _key(full)
+
+
+# ----------------------------------------------------------------------------- fast backend
+
+
+
+def _nucleus_reference(logits, temperature, top_p):
+    """HF-style nucleus by a loop: sort, keep the smallest prefix with mass >= top_p."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = torch.argsort(probs, descending=True)
+    kept, mass = [], 0.0
+    for i in order.tolist():
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += probs[i].item()
+    out = torch.zeros_like(probs)
+    out[kept] = probs[kept] / probs[kept].sum()
+    return out
+
+
+@pytest.mark.parametrize("candidates", [3, 256])  # 3: forces the full-sort fallback
+def test_sample_next_matches_the_nucleus_distribution(candidates):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12) * 2
+    logits[1] = logits[1] * 0.1  # flat row: the nucleus is wide
+    g = torch.Generator().manual_seed(1)
+    draws = 20000
+    counts = torch.zeros(2, 12)
+    for _ in range(draws // 500):
+        batch = logits.repeat(500, 1)
+        toks = sample_next(batch, temperature=0.7, top_p=0.9, generator=g, candidates=candidates).view(500, 2)
+        for row in range(2):
+            counts[row] += torch.bincount(toks[:, row], minlength=12)
+    for row in range(2):
+        expected = _nucleus_reference(logits[row], 0.7, 0.9)
+        empirical = counts[row] / draws
+        assert torch.all(empirical[expected == 0] == 0)  # nothing outside the nucleus
+        assert torch.allclose(empirical, expected.float(), atol=0.015)
+
+
+def test_sample_next_greedy_and_top_p_one():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, -1.0, 2.0]])
+    assert sample_next(logits, temperature=1.0, top_p=0.9, generator=None, do_sample=False).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    toks = sample_next(logits.repeat(4000, 1), temperature=1.0, top_p=1.0, generator=g).view(4000, 2)
+    freq = torch.bincount(toks[:, 0], minlength=3).float() / 4000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.03)
+
+
+def test_fast_generate_greedy_equals_hf_generate(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # make some rows end early: EOS likely after a few tokens
+        model.lm_head.weight[tokenizer.eos_token_id] += 0.6 * model.lm_head.weight.mean(0)
+    prompts = [tokenizer("What is 12 + 7?")["input_ids"], tokenizer("3 * 4 =")["input_ids"],
+               tokenizer("Compute 100 - 1 and say the answer")["input_ids"]]
+    eos = {tokenizer.eos_token_id}
+    fast_cfg = RolloutConfig(num_samples=1, max_new_tokens=10, backend="fast")
+    hf_cfg = RolloutConfig(num_samples=1, max_new_tokens=10, backend="hf")
+    fast = generate_batch(model, tokenizer, prompts, fast_cfg, eos, seed=0, do_sample=False)
+    hf = generate_batch(model, tokenizer, prompts, hf_cfg, eos, seed=0, do_sample=False)
+    assert fast == hf
+    assert {f for rows in fast for _, f in rows} <= {"eos", "length"}
+
+
+def test_fast_generate_samples_are_seeded_and_shaped(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = [tokenizer("What is 1 + 1?")["input_ids"], tokenizer("2 * 2")["input_ids"]]
+    cfg = RolloutConfig(num_samples=3, max_new_tokens=6, temperature=1.0, top_p=0.95)
+    a = fast_generate(model, prompts, cfg, {tokenizer.eos_token_id}, tokenizer.pad_token_id, seed=5)
+    b = fast_generate(model, prompts, cfg, {tokenizer.eos_token_id}, tokenizer.pad_token_id, seed=5)
+    c = fast_generate(model, prompts, cfg, {tokenizer.eos_token_id}, tokenizer.pad_token_id, seed=6)
+    assert a == b and a != c
+    assert len(a) == 2 and all(len(rows) == 3 for rows in a)
+    for rows in a:
+        for toks, finish in rows:
+            assert 1 <= len(toks) <= 6
+            assert (finish == "eos") == (toks[-1] == tokenizer.eos_token_id)

@@ -75,6 +75,9 @@ class RolloutConfig:
     top_p: float = _help("Nucleus sampling (paper: 0.95).", default=0.95)
     max_new_tokens: int = _help("Longest completion, in tokens.", default=128)
     batch_size: int = _help("Sequences per generate call.", default=32)
+    backend: Literal["fast", "hf"] = _help(
+        "fast: KV-cache loop that drops finished sequences; hf: one model.generate call per batch.", default="fast"
+    )
 
 
 @dataclass
