@@ -151,3 +151,20 @@ def test_no_fork_batch_is_the_kl_term_alone(tiny_model_dir, tmp_path):
     assert m["no_fork"][-1] == 1.0 and m["fork_term"][-1] == 0.0
     assert loss.item() == pytest.approx(0.2 * m["kl_term"][-1], rel=1e-6)
     loss.backward()
+
+
+def test_gradient_accumulation_averages_micro_batches(tiny_model_dir, tmp_path):
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.mode", "quantile"])
+    _perturb_lora(trainer.model)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def grads_after(steps: int) -> list[torch.Tensor]:
+        trainer.model.zero_grad()
+        trainer.current_gradient_accumulation_steps = steps
+        for _ in range(steps):
+            trainer.training_step(trainer.model, dict(batch))
+        return [p.grad.clone() for p in params]
+
+    one, two = grads_after(1), grads_after(2)
+    for a, b in zip(one, two):  # two identical micro-batches, averaged: the same gradient
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -75,6 +75,9 @@ class ForkGatedTrainer(SFTTrainer):
         self.loss_cfg = loss_cfg
         self.entropy_temperature = entropy_temperature
         super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean (normalised by its own fork and
+        # non-fork counts), so the Trainer must divide by the accumulation steps itself.
+        self.loss_is_scaled_for_ga = False
 
     def _policy_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         C = inputs["completion_ids"].shape[1]
