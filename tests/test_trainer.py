@@ -161,8 +161,9 @@ def test_gradient_accumulation_averages_micro_batches(tiny_model_dir, tmp_path):
     def grads_after(steps: int) -> list[torch.Tensor]:
         trainer.model.zero_grad()
         trainer.current_gradient_accumulation_steps = steps
+        n_items = batch["completion_mask"].sum() * steps  # what the Trainer passes in its loop
         for _ in range(steps):
-            trainer.training_step(trainer.model, dict(batch))
+            trainer.training_step(trainer.model, dict(batch), num_items_in_batch=n_items)
         return [p.grad.clone() for p in params]
 
     one, two = grads_after(1), grads_after(2)

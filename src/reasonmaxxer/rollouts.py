@@ -116,7 +116,7 @@ def fast_generate(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -148,7 +148,7 @@ def fast_generate(
             live, nxt, attention_mask, next_pos = live[kept], nxt[kept], attention_mask[kept], next_pos[kept]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=-1)
         out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_pos.unsqueeze(-1),
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return [[(tokens[i * n + j], finish[i * n + j]) for j in range(n)] for i in range(len(prompts))]
