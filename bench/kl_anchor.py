@@ -21,7 +21,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reasonmaxxer.config import config_from_dict  # noqa: E402
-from reasonmaxxer.entropy import fork_mask  # noqa: E402
+from reasonmaxxer.entropy import gate_mask  # noqa: E402
 from reasonmaxxer.loss import exact_kl, gather_logprobs, topk_kl  # noqa: E402
 from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
 from reasonmaxxer.scoring import completion_hidden, head_logits, load_scores  # noqa: E402
@@ -64,8 +64,7 @@ def main() -> None:
         exact = exact_kl(base_logits, policy_logits)
         approx = topk_kl(topk_logp, policy_topk)
         mask = batch["completion_mask"].bool()
-        g = cfg.gate
-        forks = fork_mask(entropy, mask, mode=g.mode, tau=g.tau, quantile=g.quantile, k=g.k)
+        forks = gate_mask(cfg.gate, entropy, mask, generator=torch.Generator().manual_seed(cfg.seed))
         for name, sel in (("nonfork", mask & ~forks), ("fork", forks)):
             sums[f"exact_{name}"] += exact[sel].sum().item()
             sums[f"topk_{name}"] += approx[sel].sum().item()

@@ -23,6 +23,7 @@ from reasonmaxxer.entropy import (
     GATE_MODES,
     fork_mask,
     quantile_threshold,
+    random_positions,
     token_entropy,
     token_stats,
 )
@@ -573,4 +574,51 @@ def test_fork_mask_invalid_args_raise(kwargs):
 
 
 def test_gate_modes_listed():
-    assert set(GATE_MODES) == {"threshold", "quantile", "topk", "all"}
+    assert set(GATE_MODES) == {"threshold", "quantile", "topk", "all", "random"}
+
+
+# ----------------------------------------------------------------------------- random control gate
+
+
+def _padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    entropy = torch.rand(5, 12, generator=g) * 3
+    lengths = torch.tensor([12, 7, 1, 0, 4])
+    mask = torch.arange(12).unsqueeze(0) < lengths.unsqueeze(1)
+    entropy[~mask] = 100.0  # padding with huge entropy must never be drawn
+    return entropy, mask
+
+
+@pytest.mark.parametrize("reference, kwargs", [("threshold", {"tau": 1.4}), ("quantile", {"quantile": 0.3}),
+                                               ("topk", {"k": 3})])
+def test_random_gate_matches_the_reference_count_per_sequence(reference, kwargs):
+    entropy, mask = _padded_batch()
+    ref = fork_mask(entropy, mask, mode=reference, **kwargs)
+    for seed in range(20):
+        rnd = fork_mask(entropy, mask, mode="random", reference=reference,
+                        generator=torch.Generator().manual_seed(seed), **kwargs)
+        assert torch.equal(rnd.sum(-1), ref.sum(-1))  # exactly the same count, row by row
+        assert not (rnd & ~mask).any()  # never padding or prompt
+
+
+def test_random_gate_is_seeded_and_uniform():
+    entropy, mask = _padded_batch()
+    a = fork_mask(entropy, mask, mode="random", tau=1.4, generator=torch.Generator().manual_seed(3))
+    b = fork_mask(entropy, mask, mode="random", tau=1.4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    # Row 0 has 12 completion positions and draws `count` of them: each position is picked
+    # with probability count / 12 (brute-force frequency over many draws).
+    counts = torch.tensor([4])
+    row_mask = torch.ones(1, 12, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    hits = torch.zeros(12)
+    draws = 6000
+    for _ in range(draws):
+        hits += random_positions(counts, row_mask, g)[0].float()
+    assert torch.allclose(hits / draws, torch.full((12,), 4 / 12), atol=0.025)
+
+
+def test_random_gate_rejects_a_bad_reference():
+    entropy, mask = _padded_batch()
+    with pytest.raises(ValueError, match="reference"):
+        fork_mask(entropy, mask, mode="random", reference="all", tau=1.0)

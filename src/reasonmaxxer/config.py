@@ -100,9 +100,14 @@ class SelectionConfig:
 
 @dataclass
 class GateConfig:
-    mode: Literal["threshold", "quantile", "topk", "all"] = _help(
+    mode: Literal["threshold", "quantile", "topk", "all", "random"] = _help(
         "threshold: H > tau; quantile: top rho of the batch's completion tokens (TRL's top_entropy_quantile); "
-        "topk: k highest-entropy positions per sequence; all: every completion token (dense control).",
+        "topk: k highest-entropy positions per sequence; all: every completion token (dense control); "
+        "random: as many uniformly drawn positions per sequence as the `reference` gate picks (control).",
+        default="threshold",
+    )
+    reference: Literal["threshold", "quantile", "topk"] = _help(
+        "For mode random: the entropy gate whose per-sequence fork counts the random gate matches.",
         default="threshold",
     )
     tau: float = _help("Entropy threshold in nats (paper: 1.4; swept 1.0-2.2).", default=1.4)

@@ -7,12 +7,13 @@ positions), V (vocabulary) and K (cached top-k).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
-GateMode = Literal["threshold", "quantile", "topk", "all"]
-GATE_MODES: tuple[str, ...] = ("threshold", "quantile", "topk", "all")
+GateMode = Literal["threshold", "quantile", "topk", "all", "random"]
+GATE_MODES: tuple[str, ...] = ("threshold", "quantile", "topk", "all", "random")
+REFERENCE_MODES: tuple[str, ...] = ("threshold", "quantile", "topk")
 
 _LN2 = math.log(2.0)
 
@@ -135,6 +136,8 @@ def fork_mask(
     quantile: float | None = None,
     k: int | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference: str = "threshold",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Which completion positions are decision forks.
 
@@ -144,8 +147,12 @@ def fork_mask(
         mode: ``threshold`` (entropy > tau), ``quantile`` (top ``quantile`` fraction of
             the batch's completion tokens, ties at the cut included, as TRL does),
             ``topk`` (the k highest-entropy completion positions of each sequence),
-            ``all`` (every completion position: the dense control).
+            ``all`` (every completion position: the dense control), ``random`` (the
+            control: as many uniformly drawn completion positions per sequence as the
+            ``reference`` gate picks there).
         gather: for ``quantile`` across processes, see :func:`quantile_threshold`.
+        reference: for ``random``, the entropy gate whose per-sequence counts it matches.
+        generator: for ``random``, the source of randomness (seed it for reproducibility).
 
     Returns:
         (B, T) bool, never true where ``completion_mask`` is 0.
@@ -175,4 +182,36 @@ def fork_mask(
         return picked & valid
     if mode == "all":
         return valid.clone()
+    if mode == "random":
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"fork_mask(mode='random') needs reference in {REFERENCE_MODES}, got {reference!r}")
+        matched = fork_mask(entropy, completion_mask, mode=reference, tau=tau, quantile=quantile, k=k, gather=gather)
+        return random_positions(matched.sum(-1), valid, generator)
     raise ValueError(f"unknown gate mode {mode!r}; expected one of {GATE_MODES}")
+
+
+def random_positions(counts: torch.Tensor, completion_mask: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """counts[b] completion positions of row b, drawn uniformly without replacement.
+
+    Args:
+        counts: (B,) how many positions per row (at most the row's completion length).
+        completion_mask: (B, T) the positions that may be drawn.
+
+    Returns:
+        (B, T) bool with exactly counts[b] True in row b, all inside ``completion_mask``.
+    """
+    valid = completion_mask.bool()
+    keys = torch.rand(valid.shape, generator=generator).to(valid.device)
+    keys = keys.masked_fill(~valid, -1.0)  # positions that may not be drawn sort last
+    order = keys.argsort(dim=-1, descending=True)
+    rank = order.argsort(dim=-1)  # rank of each position in its row's random order
+    return (rank < counts.unsqueeze(-1)) & valid
+
+
+def gate_mask(gate: Any, entropy: torch.Tensor, completion_mask: torch.Tensor, *,
+              gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`fork_mask` with the settings of a gate config (mode, tau, quantile, k, reference)."""
+    return fork_mask(entropy, completion_mask, mode=gate.mode, tau=gate.tau, quantile=gate.quantile, k=gate.k,
+                     reference=gate.reference, gather=gather, generator=generator)

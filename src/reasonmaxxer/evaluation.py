@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .accuracy import accuracy_summary, paired_bootstrap_delta, per_problem_rewards
 from .config import Config
-from .entropy import fork_mask
+from .entropy import gate_mask
 from .errors import ConfigError, DataError
 from .problems import Problem
 from .rollouts import run_rollouts
@@ -169,8 +169,7 @@ def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]
     T = max(lengths)
     mask = pad_ragged([torch.ones(L, dtype=torch.bool) for L in lengths], T, False)
     base_h = pad_ragged([p["base_entropy"] for p in per_rollout], T)
-    g = cfg.gate
-    forks = fork_mask(base_h, mask, mode=g.mode, tau=g.tau, quantile=g.quantile, k=g.k)
+    forks = gate_mask(cfg.gate, base_h, mask, generator=torch.Generator().manual_seed(cfg.seed))
     flat = {k: torch.cat([p[k] for p in per_rollout]) for k in per_rollout[0]}
     flat["fork"] = forks[mask]
     flat["correct"] = torch.cat([torch.full((L,), r["reward"] > 0) for L, r in zip(lengths, rollouts)])

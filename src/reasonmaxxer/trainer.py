@@ -16,7 +16,7 @@ import torch
 from trl import SFTTrainer
 
 from .config import Config, GateConfig, LossConfig
-from .entropy import fork_mask, token_entropy
+from .entropy import gate_mask, token_entropy
 from .loss import exact_kl, fork_gated_loss, gather_logprobs, topk_kl
 from .sequences import pack_batch, pad_ragged
 from .storage import atomic_write_json
@@ -79,6 +79,15 @@ class ForkGatedTrainer(SFTTrainer):
         # non-fork counts), so the Trainer must divide by the accumulation steps itself.
         self.loss_is_scaled_for_ga = False
 
+    def _gate_generator(self) -> torch.Generator:
+        """Seeded by (seed, process, step, micro-batch): a resumed run draws the same positions."""
+        step = self.state.global_step
+        if step != getattr(self, "_gate_step", None):
+            self._gate_step, self._gate_micro = step, 0
+        self._gate_micro += 1
+        seed = hash((self.args.seed, self.accelerator.process_index, step, self._gate_micro)) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
     def _policy_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         C = inputs["completion_ids"].shape[1]
         out = model(
@@ -110,10 +119,9 @@ class ForkGatedTrainer(SFTTrainer):
         else:
             with torch.no_grad():
                 entropy = token_entropy(logits.detach(), temperature=self.entropy_temperature)
-        forks = fork_mask(
-            entropy, completion_mask, mode=self.gate.mode, tau=self.gate.tau, quantile=self.gate.quantile,
-            k=self.gate.k, gather=lambda t: gather_across_processes(self.accelerator, t),
-        )
+        forks = gate_mask(self.gate, entropy, completion_mask,
+                          gather=lambda t: gather_across_processes(self.accelerator, t),
+                          generator=self._gate_generator() if self.gate.mode == "random" else None)
         loss, stats = fork_gated_loss(
             policy_logp, inputs["base_logp"], inputs["advantages"], forks, completion_mask, kl,
             kl_coef=self.loss_cfg.kl_coef, variant=self.loss_cfg.variant,
