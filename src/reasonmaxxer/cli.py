@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
@@ -26,6 +27,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML run config (default: the built-in defaults)")
     parser.add_argument("--stage", help="run only this stage (its inputs must exist)")
+    parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -34,10 +36,29 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         from .config import load_config
 
+        start = time.perf_counter()
+        if args.sweep:
+            from .sweep import run_sweep
+
+            sweep_dir = run_sweep(args.config, overrides, args.sweep, progress=not args.no_progress)
+            print(f"\nsweep finished in {time.perf_counter() - start:.0f} s: {sweep_dir}/ablation.md")
+            print((sweep_dir / "ablation.md").read_text())
+            return 0
         cfg = load_config(args.config, overrides)
+        from .sweep import agent_run_dir
+
+        point_dir = agent_run_dir(cfg, overrides)
+        if point_dir is not None:  # one point of a `wandb agent` sweep: train and evaluate it
+            from .sweep import ensure_shared_stages, run_point
+
+            ensure_shared_stages(cfg, not args.no_progress)
+            base_dir = Path(cfg.output_dir)
+            cfg.output_dir = str(point_dir)
+            row = run_point({}, cfg, base_dir, not args.no_progress)
+            print(f"\nsweep point in {point_dir}: delta pass@1 {row['delta_pass_at_1']}, kl_ratio {row['kl_ratio']}")
+            return 0
         from .pipeline import Pipeline, summary_table
 
-        start = time.perf_counter()
         results = Pipeline(cfg, progress=not args.no_progress).run(only=args.stage)
     except UserError as err:
         return _fail(err)
@@ -66,8 +87,6 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from pathlib import Path
-
         from .config import load_config
 
         cfg = load_config(args.config, overrides)

@@ -117,6 +117,17 @@ class GateConfig:
         "Gate on the base entropy computed once at scoring (base) or the current policy's (policy).", default="base"
     )
 
+    def effective(self) -> dict[str, Any]:
+        """The fields this gate's mode actually uses (what a training fingerprint depends on)."""
+        param = {"threshold": "tau", "quantile": "quantile", "topk": "k"}
+        if self.mode == "all":
+            return {"mode": "all"}
+        ref = self.reference if self.mode == "random" else self.mode
+        out = {"mode": self.mode, param[ref]: getattr(self, param[ref]), "entropy_source": self.entropy_source}
+        if self.mode == "random":
+            out["reference"] = self.reference
+        return out
+
 
 @dataclass
 class LossConfig:

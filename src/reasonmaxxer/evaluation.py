@@ -217,8 +217,12 @@ def most_moved(pos: dict[str, Any], rollouts: list[dict[str, Any]], tokenizer: A
     return rows
 
 
-def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Everything eval.py writes: movement.json, accuracy.json, report.md, plots, forks.html."""
+def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, progress: bool = True,
+             tracker: Any = None) -> dict[str, Any]:
+    """Everything eval.py writes: movement.json, accuracy.json, report.md, plots, forks.html.
+
+    Metrics go to ``tracker`` when given (left open), else to a new ``<run>-eval`` run.
+    """
     from .report import write_report
     from .tracking import Tracker
 
@@ -249,11 +253,14 @@ def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, prog
                  top=top)
     timings["total_s"] = time.perf_counter() - start
 
-    tracking_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
-        cfg.tracking, run_name=(cfg.tracking.run_name or Path(cfg.output_dir).name) + "-eval"))
-    tracker = Tracker(tracking_cfg, out)
-    try:
+    if tracker is not None:
         tracker.log_eval(movement, accuracy, top, pos["flat"])
-    finally:
-        tracker.finish()
+    else:
+        tracking_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+            cfg.tracking, run_name=(cfg.tracking.run_name or Path(cfg.output_dir).name) + "-eval"))
+        tracker = Tracker(tracking_cfg, out)
+        try:
+            tracker.log_eval(movement, accuracy, top, pos["flat"])
+        finally:
+            tracker.finish()
     return {"movement": movement, "accuracy": accuracy, "timings": timings}

@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -78,7 +78,8 @@ class Pipeline:
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
                                      "temperature": self.entropy_temperature})
         fp["selection"] = fingerprint({"up": fp["rollouts"], "selection": c["selection"]})
-        fp["training"] = fingerprint({"up": [fp["selection"], fp["scoring"]], "gate": c["gate"], "loss": c["loss"],
+        fp["training"] = fingerprint({"up": [fp["selection"], fp["scoring"]], "gate": self.cfg.gate.effective(),
+                                      "loss": c["loss"],
                                       "lora": c["lora"], "training": c["training"], "seed": c["seed"]})
         return fp
 
@@ -100,7 +101,9 @@ class Pipeline:
         return self._model, self._tokenizer
 
     # ------------------------------------------------------------------ running
-    def run(self, only: str | None = None) -> list[StageResult]:
+    def run(self, only: str | None = None, *, stages: Sequence[str] = STAGES,
+            tracker: Tracker | None = None) -> list[StageResult]:
+        """Run the stages in order (or ``only`` one); a given ``tracker`` is used and left open."""
         if only is not None and only not in STAGES:
             raise ConfigError(f"--stage: unknown stage '{only}'; stages are {', '.join(STAGES)}")
         if only is None or only in ("rollouts", "scoring", "training"):
@@ -110,17 +113,18 @@ class Pipeline:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path("config.yaml"), yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False))
         fps = self.fingerprints()
-        self.tracker = Tracker(self.cfg, self.run_dir)
+        self.tracker = tracker if tracker is not None else Tracker(self.cfg, self.run_dir)
         results = []
         try:
-            for stage in STAGES:
+            for stage in stages:
                 if only is not None and stage != only:
                     continue
                 if only is not None:
                     self._require_upstream(stage, fps)
                 results.append(self._run_stage(stage, fps[stage]))
         finally:
-            self.tracker.finish()
+            if tracker is None:
+                self.tracker.finish()
         return results
 
     def _require_upstream(self, stage: str, fps: dict[str, str]) -> None:

@@ -1,0 +1,283 @@
+"""Gate ablations from one W&B sweep file, run locally or by ``wandb agent``.
+
+The file is W&B's own format (``method``, ``metric``, ``parameters``, ``command``);
+parameter names are dotted config keys (``gate.tau``), which W&B passes to train.py as
+``--gate.tau=1.4``. Locally, ``train.py --config C --sweep S`` expands the grid as W&B
+does, computes problems/rollouts/scoring/selection once in the config's output_dir, and
+trains and evaluates each point in its own folder, reusing those stages; a killed sweep
+resumes at the first unfinished point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import itertools
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .config import Config, load_config, read_yaml
+from .errors import ConfigError
+from .storage import atomic_write_json, read_json
+
+GRID_KINDS = ("values", "value", "int_uniform", "q_uniform")
+SHARED_STAGES = ("problems", "rollouts", "scoring", "selection")
+_STAGE_OUTPUTS = {"problems": ["problems.jsonl"], "rollouts": ["rollouts.jsonl"], "scoring": ["scores"],
+                  "selection": ["selection.jsonl"]}
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    path: Path
+    name: str
+    method: str
+    parameters: dict[str, dict[str, Any]]
+    metric: dict[str, Any] | None
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a W&B sweep file (structure only; keys are checked by :func:`sweep_configs`)."""
+    p = Path(path)
+    raw = read_yaml(p)
+    where = f"sweep file '{p}'"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping with 'method' and 'parameters'")
+    method = raw.get("method")
+    if method != "grid":
+        raise ConfigError(f"{where}: method {method!r} cannot run locally; use method: grid "
+                          "(random/bayes sweeps run with `wandb sweep` + `wandb agent`)")
+    params = raw.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{where}: 'parameters' must be a non-empty mapping of config keys")
+    for name, spec in params.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: parameter '{name}' must be a mapping like {{values: [...]}}")
+        if "values" in spec:
+            if not isinstance(spec["values"], list) or not spec["values"]:
+                raise ConfigError(f"{where}: parameter '{name}': 'values' must be a non-empty list")
+        elif "value" in spec:
+            pass
+        elif {"min", "max"} <= set(spec) and all(isinstance(spec[k], int) for k in ("min", "max")) and "q" not in spec:
+            pass  # int_uniform
+        elif {"min", "max", "q"} <= set(spec):
+            pass  # q_uniform
+        else:
+            raise ConfigError(f"{where}: parameter '{name}' is not usable in a grid "
+                              "(give values, value, integer min/max, or min/max/q)")
+    name = str(raw.get("name") or p.stem)
+    return SweepSpec(path=p, name=re.sub(r"[^A-Za-z0-9_.-]+", "-", name), method=method, parameters=params,
+                     metric=raw.get("metric"))
+
+
+def _values(spec: dict[str, Any]) -> list[Any]:
+    if "values" in spec:
+        return list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    if "q" in spec:
+        return np.arange(spec["min"], spec["max"], spec["q"]).tolist()
+    return list(range(spec["min"], spec["max"] + 1))
+
+
+def expand_grid(parameters: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every point of the grid, in the order W&B's grid search proposes them.
+
+    W&B sorts parameters by name, turns int_uniform into min..max and q_uniform into
+    arange(min, max, q), keeps constants, and walks the Cartesian product (the last
+    name varies fastest).
+    """
+    names = sorted(parameters)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(_values(parameters[n]) for n in names))]
+
+
+def point_args(point: dict[str, Any]) -> list[str]:
+    """The point as W&B's ``${args}`` passes it: ``--key=value``."""
+    return [f"--{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else v}"
+            for k, v in point.items()]
+
+
+def point_slug(point: dict[str, Any]) -> str:
+    text = ",".join(f"{k}={v}" for k, v in sorted(point.items()))
+    return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text)[:180]
+
+
+def sweep_configs(config_path: str | None, overrides: list[str], spec: SweepSpec) -> list[tuple[dict[str, Any], Config]]:
+    """Each grid point with its full config; any bad parameter fails here, before any work."""
+    out = []
+    for point in expand_grid(spec.parameters):
+        try:
+            cfg = load_config(config_path, [*overrides, *point_args(point)])
+        except ConfigError as err:
+            raise ConfigError(f"sweep file '{spec.path}': {err}") from None
+        out.append((point, cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------- shared stages
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock, so that parallel agents compute the shared stages once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_shared_stages(base_cfg: Config, progress: bool) -> None:
+    """Run problems -> selection once in the base run folder (no-op when they are done)."""
+    from .pipeline import Pipeline
+
+    base_dir = Path(base_cfg.output_dir)
+    with _locked(base_dir / ".sweep.lock"):
+        pipeline = Pipeline(base_cfg, progress=progress)
+        fps = pipeline.fingerprints()
+        states = [pipeline.state(s) for s in SHARED_STAGES]
+        if any(st is not None and st.get("fingerprint") != fps[s] for s, st in zip(SHARED_STAGES, states)):
+            return  # the base holds stages made with other settings: never overwrite them
+        pipeline.run(stages=SHARED_STAGES)
+
+
+def link_shared_stages(base_dir: Path, point_cfg: Config) -> list[str]:
+    """Point a sweep point's folder at the base run's finished stages where they match.
+
+    A stage is linked only when its fingerprint under the point's config equals the base
+    run's, so a linked stage is always skipped and never written through the link.
+    """
+    from .pipeline import Pipeline
+
+    point = Pipeline(point_cfg)
+    fps = point.fingerprints()
+    linked = []
+    for stage in SHARED_STAGES:
+        state_path = base_dir / "stages" / f"{stage}.json"
+        if not state_path.exists():
+            break
+        state = read_json(state_path)
+        if not state.get("done") or state.get("fingerprint") != fps[stage]:
+            break
+        for name in _STAGE_OUTPUTS[stage]:
+            target, link = (base_dir / name).resolve(), point.path(name)
+            if link.is_symlink() or link.exists():
+                if link.is_symlink() and link.resolve() == target:
+                    continue
+                raise ConfigError(f"sweep: '{link}' exists and is not the shared {stage} output; remove it")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, link)
+        atomic_write_json(point._state_path(stage), state)
+        linked.append(stage)
+    return linked
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def point_row(point: dict[str, Any], run_dir: Path, movement: dict[str, Any], accuracy: dict[str, Any],
+              train_seconds: float) -> dict[str, Any]:
+    log = json.loads((run_dir / "train_log.json").read_text())
+    fractions = [h["fork_fraction"] for h in log if "fork_fraction" in h]
+    d = accuracy["delta_pass_at_1"]
+    return {
+        "point": point,
+        "run_dir": str(run_dir),
+        "fork_fraction": float(np.mean(fractions)) if fractions else None,
+        "delta_pass_at_1": d["mean"],
+        "delta_ci95": d["ci95"],
+        "pass_at_1_base": accuracy["base"]["pass_at_1"],
+        "pass_at_1_adapter": accuracy["adapter"]["pass_at_1"],
+        "kl_ratio": movement["kl_ratio"],
+        "kl_mean_all": _kl_mean_all(movement),
+        "top1_agreement_nonfork": (movement.get("nonfork") or {}).get("top1_agreement"),
+        "train_seconds": train_seconds,
+    }
+
+
+def _kl_mean_all(movement: dict[str, Any]) -> float | None:
+    n_f, n_n = movement["positions"]["fork"], movement["positions"]["nonfork"]
+    f = (movement.get("fork") or {}).get("kl_mean") or 0.0
+    n = (movement.get("nonfork") or {}).get("kl_mean") or 0.0
+    return (f * n_f + n * n_n) / (n_f + n_n) if n_f + n_n else None
+
+
+def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train and evaluate one point in its own folder, reusing the base run's stages.
+
+    With tracking on, training and eval log into one W&B run (the sweep's metric lives there).
+    """
+    from .evaluation import run_eval
+    from .pipeline import Pipeline
+    from .tracking import Tracker
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link_shared_stages(base_dir, cfg)
+    tracker = Tracker(cfg, run_dir)
+    try:
+        results = Pipeline(cfg, progress=progress).run(tracker=tracker)
+        train_seconds = next(r.seconds for r in results if r.name == "training")
+        evaluated = run_eval(cfg, adapter_path=run_dir / "adapter", base_path=cfg.model.name_or_path, out=run_dir,
+                             progress=progress, tracker=tracker)
+        row = point_row(point, run_dir, evaluated["movement"], evaluated["accuracy"], train_seconds)
+    finally:
+        tracker.finish()
+    return row
+
+
+def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, progress: bool = True) -> Path:
+    """Run every point of a grid sweep locally; write ablation.{json,md,png} and return its folder."""
+    from .report import write_ablation
+
+    spec = load_sweep(sweep_path)
+    points = sweep_configs(config_path, overrides, spec)  # validates every point first
+    base_cfg = load_config(config_path, overrides)
+    base_dir = Path(base_cfg.output_dir)
+    sweep_dir = base_dir / "sweeps" / spec.name
+    ensure_shared_stages(base_cfg, progress)
+    from .pipeline import Pipeline
+
+    rows = []
+    trained: dict[str, dict[str, Any]] = {}  # training fingerprint -> row: identical points train once
+    for i, (point, cfg) in enumerate(points, 1):
+        point_dir = sweep_dir / point_slug(point)
+        cfg.output_dir = str(point_dir)
+        key = Pipeline(cfg).fingerprints()["training"]
+        if key in trained:  # e.g. gate.mode=all at another tau: the same run
+            rows.append({**trained[key], "point": point, "same_as": trained[key]["point"]})
+            continue
+        done = point_dir / "point.json"
+        if done.exists() and read_json(done).get("point") == point:
+            rows.append(read_json(done))
+            trained[key] = rows[-1]
+            continue
+        print(f"\n=== sweep {spec.name}: point {i}/{len(points)}: {point}", flush=True)
+        start = time.perf_counter()
+        row = run_point(point, cfg, base_dir, progress)
+        row["seconds"] = time.perf_counter() - start
+        atomic_write_json(done, row)
+        rows.append(row)
+        trained[key] = row
+    atomic_write_json(sweep_dir / "ablation.json", rows)
+    write_ablation(sweep_dir, spec.name, rows)
+    return sweep_dir
+
+
+def agent_run_dir(cfg: Config, overrides: list[str]) -> Path | None:
+    """Under ``wandb agent`` (WANDB_SWEEP_ID set), the folder of this point of the sweep."""
+    sweep_id = os.environ.get("WANDB_SWEEP_ID")
+    if not sweep_id:
+        return None
+    dotted = [o for o in overrides if o.startswith("--") and "." in o.split("=", 1)[0]]
+    slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", ",".join(sorted(o.lstrip("-") for o in dotted)))[:180] or "default"
+    return Path(cfg.output_dir) / "sweeps" / re.sub(r"[^A-Za-z0-9_.-]+", "-", sweep_id) / slug
+
