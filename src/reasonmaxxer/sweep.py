@@ -269,6 +269,16 @@ def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, pr
         trained[key] = row
     atomic_write_json(sweep_dir / "ablation.json", rows)
     write_ablation(sweep_dir, spec.name, rows)
+    if base_cfg.tracking.report_to == "wandb":
+        from .tracking import Tracker
+
+        summary_cfg = dataclasses.replace(base_cfg, tracking=dataclasses.replace(
+            base_cfg.tracking, run_name=f"{spec.name}-ablation", group=base_cfg.tracking.group or spec.name))
+        tracker = Tracker(summary_cfg, sweep_dir)
+        try:
+            tracker.log_table("ablation", rows)
+        finally:
+            tracker.finish()
     return sweep_dir
 
 

@@ -102,6 +102,19 @@ class Tracker:
                       "eval/kl_nonfork": flat["kl"][~flat["fork"]]}
         self.run.log({k: wandb.Histogram(v.numpy()) for k, v in histograms.items() if v.numel()})
 
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """A list of flat-ish dicts as a W&B table (nested values shown as JSON)."""
+        if self.run is None or not rows:
+            return
+        import json
+
+        import wandb
+
+        columns = list(rows[0])
+        data = [[v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v) for v in
+                 (r.get(c) for c in columns)] for r in rows]
+        self.run.log({key: wandb.Table(columns=columns, data=data)})
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
