@@ -166,3 +166,18 @@ def test_bad_adapters_are_one_line_errors(tiny_model_dir, tmp_path, trained_run,
     err = capsys.readouterr().err.splitlines()[-1]  # (building the other model printed progress bars)
     assert code == 2 and err.startswith("error: --adapter:") and "does not match the base" in err
     assert "size mismatch" in err
+
+
+@pytest.mark.slow
+def test_eval_logs_tables_and_histograms_to_wandb(trained_run, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "eval"
+    assert eval_main(_eval_args(tiny_model_dir, trained_run, "--output_dir", str(out),
+                                "--tracking.report_to", "wandb")) == 0
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records keep keys verbatim
+    for key in ("eval/most_moved", "eval/base_entropy", "eval/kl_nonfork", "movement/kl_ratio",
+                "accuracy/delta_pass_at_1", "movement/nonfork/top1_agreement"):
+        assert key.encode() in record, key

@@ -19,10 +19,23 @@ def test_report_to_none_creates_no_run(tmp_path):
 
 
 def test_redact_drops_credentials_only():
-    cfg = {"tracking": {"project": "p", "api_key": "s3cret"}, "x": [{"hf_token": "t"}], "tau": 1.4}
+    cfg = {"tracking": {"project": "p", "api_key": "s3cret"}, "x": [{"hf_token": "t"}], "tau": 1.4,
+           "rollout": {"max_new_tokens": 128}, "scoring": {"top_k": 64}, "wandb_api_key": "k", "password": "p"}
     out = redact(cfg)
     assert out == {"tracking": {"project": "p", "api_key": "<redacted>"}, "x": [{"hf_token": "<redacted>"}],
-                   "tau": 1.4}
+                   "tau": 1.4, "rollout": {"max_new_tokens": 128}, "scoring": {"top_k": 64},
+                   "wandb_api_key": "<redacted>", "password": "<redacted>"}
+
+
+def test_saved_config_round_trips(tmp_path):
+    """config.yaml as the pipeline writes it loads back to the same config."""
+    import yaml
+
+    from reasonmaxxer.config import config_from_dict
+
+    cfg = load_config(None, ["--rollout.max_new_tokens", "77", "--gate.tau", "1.8"])
+    text = yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)
+    assert config_from_dict(yaml.safe_load(text)).to_dict() == cfg.to_dict()
 
 
 @pytest.mark.slow

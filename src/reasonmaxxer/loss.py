@@ -30,29 +30,55 @@ def gather_logprobs(
     Returns:
         (B, T) log p(target) in fp32, and (B, T, K) log p(topk_ids) or None.
     """
-    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
-    logp = logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1).float() - lse
-    topk_logp = None
-    if topk_ids is not None:
-        topk_logp = logits.gather(-1, topk_ids.long()).float() - lse.unsqueeze(-1)
+    logp, topk_logp, _ = policy_logprobs(logits, target_ids, topk_ids)
     return logp, topk_logp
 
 
-def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
+def policy_logprobs(
+    logits: torch.Tensor, target_ids: torch.Tensor, topk_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`gather_logprobs` plus the logsumexp (B, T), for :func:`exact_kl` to reuse.
+
+    One logsumexp and one gather over the vocabulary: the backward pass then builds one
+    softmax and one scatter, as a plain cross-entropy does.
+    """
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
+    ids = target_ids.unsqueeze(-1)
+    if topk_ids is not None:
+        ids = torch.cat([ids, topk_ids.long()], dim=-1)
+    picked = logits.gather(-1, ids).float() - lse.unsqueeze(-1)  # (B, T, 1 + K)
+    return picked[..., 0], (picked[..., 1:] if topk_ids is not None else None), lse
+
+
+def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor,
+             policy_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Full-vocabulary KL(base || policy) per position.
+
+    Written as  sum_v p_b log p_b  -  sum_v p_b z_v  +  logsumexp(z)  (z: policy logits), so
+    the policy side needs no log-softmax: its gradient is softmax(z) - p_b, the
+    logsumexp can be shared with :func:`policy_logprobs`, and the base side runs without
+    autograd.
 
     Args:
         base_logits, policy_logits: (B, T, V).
+        policy_lse: (B, T) logsumexp of ``policy_logits`` if already computed.
 
     Returns:
         (B, T) KL in nats (gradient flows into ``policy_logits`` only if it requires it).
     """
-    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
-    policy_logp = torch.log_softmax(policy_logits.float(), dim=-1)
-    base_p = base_logp.exp()
-    # Tokens the base rules out (-inf logits) contribute 0, not 0 * -inf = nan.
-    terms = torch.where(base_p > 0, base_p * (base_logp - policy_logp), torch.zeros_like(base_p))
-    return terms.sum(-1)
+    with torch.no_grad():
+        base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+        base_p = base_logp.exp()
+        # Tokens the base rules out (-inf logits) contribute 0, not 0 * -inf = nan.
+        base_neg_entropy = torch.where(base_p > 0, base_p * base_logp, torch.zeros_like(base_p)).sum(-1)
+        del base_logp
+    z = policy_logits.float()
+    cross = base_p * z
+    if torch.isinf(z).any():  # masked policy logits: 0 * -inf where the base has no mass
+        cross = torch.where(base_p > 0, cross, torch.zeros_like(cross))
+    if policy_lse is None:
+        policy_lse = torch.logsumexp(z, dim=-1)
+    return base_neg_entropy - cross.sum(-1) + policy_lse
 
 
 def topk_kl(base_topk_logp: torch.Tensor, policy_topk_logp: torch.Tensor) -> torch.Tensor:

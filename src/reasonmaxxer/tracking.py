@@ -11,15 +11,19 @@ from .config import Config
 
 logger = logging.getLogger(__name__)
 
-# Keys never written to a saved or logged config.
-_SECRET_MARKERS = ("api_key", "token", "password", "secret")
+# Keys never written to a saved or logged config (exact names or suffixes; not "max_new_tokens").
+_SECRET_NAMES = ("api_key", "token", "password", "secret", "credentials")
+
+
+def _is_secret(key: Any) -> bool:
+    k = str(key).lower()
+    return any(k == name or k.endswith("_" + name) for name in _SECRET_NAMES)
 
 
 def redact(obj: Any) -> Any:
-    """Drop values whose key looks like a credential (defence in depth for saved configs)."""
+    """Drop values whose key names a credential (defence in depth for saved configs)."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(m in str(k).lower() for m in _SECRET_MARKERS) else redact(v))
-                for k, v in obj.items()}
+        return {k: ("<redacted>" if _is_secret(k) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

@@ -17,7 +17,7 @@ from trl import SFTTrainer
 
 from .config import Config, GateConfig, LossConfig
 from .entropy import gate_mask, token_entropy
-from .loss import exact_kl, fork_gated_loss, gather_logprobs, topk_kl
+from .loss import exact_kl, fork_gated_loss, policy_logprobs, topk_kl
 from .sequences import pack_batch, pad_ragged
 from .storage import atomic_write_json
 
@@ -104,7 +104,7 @@ class ForkGatedTrainer(SFTTrainer):
         completion_mask = inputs["completion_mask"]
         logits = self._policy_logits(model, inputs)  # (B, C, V)
         cached = self.loss_cfg.kl_anchor == "cached"
-        policy_logp, policy_topk_logp = gather_logprobs(
+        policy_logp, policy_topk_logp, lse = policy_logprobs(
             logits, inputs["completion_ids"], inputs["topk_ids"] if cached else None
         )
         if cached:
@@ -112,7 +112,8 @@ class ForkGatedTrainer(SFTTrainer):
         else:
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
                 base_logits = self._policy_logits(model, inputs)
-            kl = exact_kl(base_logits, logits)
+            kl = exact_kl(base_logits, logits, policy_lse=lse)
+            del base_logits
 
         if self.gate.entropy_source == "base":
             entropy = inputs["base_entropy"]
