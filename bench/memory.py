@@ -42,6 +42,7 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     from reasonmaxxer.scoring import score_batch
     from reasonmaxxer.sequences import pack_batch
     from reasonmaxxer.testing import build_tiny_model_dir
+    from reasonmaxxer.trainer import completion_logits
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(build_tiny_model_dir(Path(tempfile.mkdtemp()) / "tiny"))
@@ -62,8 +63,7 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
 
     def policy_logits():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
+        return completion_logits(model, batch)
 
     if phase == "plain":
         logits = policy_logits()

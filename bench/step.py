@@ -28,7 +28,7 @@ from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
 from reasonmaxxer.scoring import score_batch  # noqa: E402
 from reasonmaxxer.sequences import pack_batch  # noqa: E402
 from reasonmaxxer.testing import build_tiny_model_dir  # noqa: E402
-from reasonmaxxer.trainer import build_trainer  # noqa: E402
+from reasonmaxxer.trainer import build_trainer, completion_logits  # noqa: E402
 
 
 def main() -> None:
@@ -70,9 +70,7 @@ def main() -> None:
                                                                  for i in range(args.batch)]).items()}
 
     def plain_loss() -> torch.Tensor:
-        C = batch["completion_ids"].shape[1]
-        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits[:, :-1]
+        logits = completion_logits(peft_model, batch)
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["completion_ids"].flatten(),
                                                 reduction="none").view_as(batch["completion_ids"])
         mask = batch["completion_mask"].float()

@@ -638,3 +638,48 @@ def test_sgd_step_direction_and_nonfork_untouched():
     nonfork = comp.bool() & ~forks
     assert not torch.equal(new_kl[nonfork], old[nonfork])
     assert torch.equal(new_kl[~comp.bool()], old[~comp.bool()])
+
+
+# ----------------------------------------------------------------------------- fused log-probs
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_policy_logprobs_values_and_gradients_match_autograd(chunk_size):
+    from reasonmaxxer.loss import policy_logprobs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 11, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, 11, (2, 5))
+    topk = torch.randint(0, 11, (2, 5, 4))
+    g_logp, g_topk, g_lse = torch.randn(2, 5), torch.randn(2, 5, 4), torch.randn(2, 5)
+
+    logp, topk_logp, lse = policy_logprobs(logits, target, topk, chunk_size=chunk_size)
+    (logp * g_logp).sum().add((topk_logp * g_topk).sum()).add((lse * g_lse).sum()).backward()
+    fused_grad = logits.grad.clone()
+
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_lse = torch.logsumexp(ref_logits, -1)
+    ref_logp = torch.log_softmax(ref_logits, -1)
+    ref_t = ref_logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    ref_k = ref_logp.gather(-1, topk)
+    (ref_t * g_logp).sum().add((ref_k * g_topk).sum()).add((ref_lse * g_lse).sum()).backward()
+
+    assert torch.allclose(logp.double(), ref_t, atol=1e-5)
+    assert torch.allclose(topk_logp.double(), ref_k, atol=1e-5)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+    assert torch.allclose(fused_grad, ref_logits.grad, atol=1e-5)
+
+
+def test_exact_kl_with_shared_lse_has_the_exact_gradient():
+    from reasonmaxxer.loss import policy_logprobs
+
+    torch.manual_seed(1)
+    base = torch.randn(2, 4, 9) * 2
+    policy = (base + torch.randn(2, 4, 9)).requires_grad_()
+    _, _, lse = policy_logprobs(policy, torch.zeros(2, 4, dtype=torch.long))
+    exact_kl(base, policy, policy_lse=lse).sum().backward()
+    ref = policy.detach().clone().requires_grad_()
+    kl = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=base),
+                                           torch.distributions.Categorical(logits=ref))
+    kl.sum().backward()
+    assert torch.allclose(policy.grad, ref.grad, atol=1e-5)

@@ -9,7 +9,7 @@ V vocabulary, K cached top-k.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -35,19 +35,55 @@ def gather_logprobs(
 
 
 def policy_logprobs(
-    logits: torch.Tensor, target_ids: torch.Tensor, topk_ids: torch.Tensor | None = None
+    logits: torch.Tensor, target_ids: torch.Tensor, topk_ids: torch.Tensor | None = None, *, chunk_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """:func:`gather_logprobs` plus the logsumexp (B, T), for :func:`exact_kl` to reuse.
 
-    One logsumexp and one gather over the vocabulary: the backward pass then builds one
-    softmax and one scatter, as a plain cross-entropy does.
+    Fused: the forward keeps no (B, T, V) intermediate (the logsumexp runs over chunks of
+    ``chunk_size`` positions in fp32) and the backward writes the whole gradient into one
+    (B, T, V) tensor, as a fused cross-entropy does.
     """
-    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
     ids = target_ids.unsqueeze(-1)
     if topk_ids is not None:
         ids = torch.cat([ids, topk_ids.long()], dim=-1)
-    picked = logits.gather(-1, ids).float() - lse.unsqueeze(-1)  # (B, T, 1 + K)
+    picked, lse = _TokenLogprobs.apply(logits, ids, chunk_size)  # (B, T, 1 + K), (B, T)
     return picked[..., 0], (picked[..., 1:] if topk_ids is not None else None), lse
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """(logits, ids) -> (logits[ids] - logsumexp(logits), logsumexp(logits)), memory-lean.
+
+    d picked_j / dz = onehot(id_j) - softmax(z) and d lse / dz = softmax(z), so
+    dz = softmax(z) * (g_lse - sum_j g_j) + sum_j g_j onehot(id_j).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
+        B, T, _ = logits.shape
+        lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)
+        for s in range(0, T, chunk_size):
+            lse[:, s : s + chunk_size] = torch.logsumexp(logits[:, s : s + chunk_size].float(), dim=-1)
+        picked = logits.gather(-1, ids).float() - lse.unsqueeze(-1)
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.chunk_size = chunk_size
+        return picked, lse
+
+    @staticmethod
+    def backward(ctx: Any, g_picked: torch.Tensor | None, g_lse: torch.Tensor | None) -> tuple[Any, ...]:
+        logits, ids, lse = ctx.saved_tensors
+        B, T, _ = logits.shape
+        if g_picked is None:
+            g_picked = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
+        if g_lse is None:
+            g_lse = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+        coef = (g_lse - g_picked.sum(-1)).unsqueeze(-1)  # (B, T, 1)
+        grad = torch.empty_like(logits)
+        c = ctx.chunk_size
+        for s in range(0, T, c):
+            p = torch.exp(logits[:, s : s + c].float() - lse[:, s : s + c].unsqueeze(-1))
+            grad[:, s : s + c] = p.mul_(coef[:, s : s + c])
+        grad.scatter_add_(-1, ids, g_picked.to(grad.dtype))
+        return grad, None, None
 
 
 def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor,

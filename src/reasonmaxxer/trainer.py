@@ -66,6 +66,25 @@ def gather_across_processes(accelerator: Any, local: torch.Tensor) -> torch.Tens
     return gathered[gathered != sentinel]
 
 
+def completion_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, C, V): only the logits that predict completion tokens (columns P - 1 .. P + C - 2).
+
+    Asking the model for exactly those columns (an index tensor as ``logits_to_keep``)
+    avoids a slice of a larger logits tensor, whose backward would allocate it again.
+    """
+    L = batch["input_ids"].shape[1]
+    C = batch["completion_ids"].shape[1]
+    keep = torch.arange(L - C - 1, L - 1, device=batch["input_ids"].device)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    return out.logits
+
+
 class ForkGatedTrainer(SFTTrainer):
     """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
 
@@ -89,15 +108,7 @@ class ForkGatedTrainer(SFTTrainer):
         return torch.Generator().manual_seed(seed)
 
     def _policy_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        C = inputs["completion_ids"].shape[1]
-        out = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            logits_to_keep=C + 1,
-            use_cache=False,
-        )
-        return out.logits[:, :-1]  # (B, C, V): the logits that predict each completion token
+        return completion_logits(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
