@@ -80,8 +80,12 @@ class _TokenLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         c = ctx.chunk_size
         for s in range(0, T, c):
-            p = torch.exp(logits[:, s : s + c].float() - lse[:, s : s + c].unsqueeze(-1))
-            grad[:, s : s + c] = p.mul_(coef[:, s : s + c])
+            shifted = lse[:, s : s + c].unsqueeze(-1)
+            if grad.dtype == torch.float32:  # write softmax * coef straight into the gradient
+                out = torch.sub(logits[:, s : s + c], shifted, out=grad[:, s : s + c])
+                out.exp_().mul_(coef[:, s : s + c])
+            else:
+                grad[:, s : s + c] = torch.exp(logits[:, s : s + c].float() - shifted).mul_(coef[:, s : s + c])
         grad.scatter_add_(-1, ids, g_picked.to(grad.dtype))
         return grad, None, None
 
@@ -105,9 +109,11 @@ def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor,
     with torch.no_grad():
         base_logp = torch.log_softmax(base_logits.float(), dim=-1)
         base_p = base_logp.exp()
-        # Tokens the base rules out (-inf logits) contribute 0, not 0 * -inf = nan.
-        base_neg_entropy = torch.where(base_p > 0, base_p * base_logp, torch.zeros_like(base_p)).sum(-1)
-        del base_logp
+        plogp = base_logp.mul_(base_p)  # in place: base_logp is not needed again
+        if torch.isnan(plogp).any():  # tokens the base rules out: 0 * -inf contributes 0
+            plogp = torch.nan_to_num(plogp, nan=0.0)
+        base_neg_entropy = plogp.sum(-1)
+        del base_logp, plogp
     z = policy_logits.float()
     cross = base_p * z
     if torch.isinf(z).any():  # masked policy logits: 0 * -inf where the base has no mass
