@@ -2,9 +2,10 @@
 
     python bench/floor.py --run runs/demo [--steps 8]
 
-Takes a run's selected rollouts and cached scores, replaces the advantages with random
-signs (so every fork is pushed somewhere), gates every completion token (all forks: the
-contrastive term alone) and takes the same AdamW steps twice from a fresh adapter: with
+Takes one batch of a run's selected rollouts with their cached scores, replaces the
+advantages with random signs (so every fork is pushed somewhere), gates every completion
+token (all forks: the contrastive term alone) and takes AdamW steps on that same batch,
+twice from a fresh adapter: with
 `loss.neg_prob_floor: 0` (the paper's form) and with the configured floor. Prints the
 loss per step; the paper's form keeps falling, the floored one stays above
 -max|A| * ln(1 / floor). The last line is `final_loss_no_floor=<x> final_loss_floor=<y>`.
@@ -40,13 +41,16 @@ def losses(run: Path, floor: float, steps: int, batch: int, lr: float) -> list[f
                          "logging_steps": 1, "save_strategy": "no", "lr_scheduler_type": "constant"})
     cfg.training.pop("save_steps", None)
     rng = random.Random(0)
-    selection = [{**r, "advantage": rng.choice([-2.5, 2.5])}
-                 for r in read_jsonl_resumable(run / "selection.jsonl")][: steps * batch]
+    fixed = [{**r, "advantage": rng.choice([-2.5, 2.5])} for r in read_jsonl_resumable(run / "selection.jsonl")]
+    # The same batch at every step (shuffling off), as in the runaway the paper's form shows.
+    selection = fixed[:batch] * steps
+    cfg.training["data_seed"] = 0
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model.name_or_path, dtype="float32")
     torch.manual_seed(0)
     trainer = build_trainer(cfg, model, tokenizer, read_jsonl_resumable(run / "rollouts.jsonl"), selection,
                             load_scores(run / "scores"), Path(tempfile.mkdtemp()), entropy_temperature=0.6)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -54,9 +58,9 @@ def losses(run: Path, floor: float, steps: int, batch: int, lr: float) -> list[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--floor", type=float, default=0.05)
     args = ap.parse_args()
     run = Path(args.run)
