@@ -50,7 +50,7 @@ def test_int_widens_to_float_but_not_the_reverse():
         (["--gate.quantile", "0"], "gate.quantile: must be in (0, 1], got 0.0"),
         (["--gate.quantile", "1.5"], "gate.quantile: must be in (0, 1], got 1.5"),
         (["--gate.k", "0"], "gate.k: must be >= 1, got 0"),
-        (["--gate.mode", "thresh"], "gate.mode: 'thresh' is not one of 'threshold', 'quantile', 'topk', 'all' "
+        (["--gate.mode", "thresh"], "gate.mode: 'thresh' is not one of 'threshold', 'quantile', 'topk', 'all', 'random' "
                                     "(did you mean 'threshold'?)"),
         (["--rollout.num_samples", "x"], "rollout.num_samples: expected an integer, got 'x'"),
         (["--rollout.num_samples", "1"], "rollout.num_samples: must be >= 2 (advantages need a group), got 1"),

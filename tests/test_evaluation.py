@@ -178,6 +178,6 @@ def test_eval_logs_tables_and_histograms_to_wandb(trained_run, tiny_model_dir, t
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     record = next(runs[0].glob("run-*.wandb")).read_bytes()  # protobuf records keep keys verbatim
-    for key in ("eval/most_moved", "eval/base_entropy", "eval/kl_nonfork", "movement/kl_ratio",
-                "accuracy/delta_pass_at_1", "movement/nonfork/top1_agreement"):
+    for key in ("eval/most_moved", "eval/base_entropy", "eval/kl_fork", "movement/kl_share_at_forks",
+                "accuracy/delta_pass_at_1", "movement/fork/top1_agreement"):
         assert key.encode() in record, key
