@@ -158,7 +158,9 @@ class Pipeline:
     def _clear_outputs(self, stage: str) -> None:
         for name in self._OUTPUTS[stage]:
             p = self.path(name)
-            if p.is_dir():
+            if p.is_symlink():  # a sweep point's link to shared outputs: drop the link only
+                p.unlink()
+            elif p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
