@@ -151,6 +151,10 @@ def test_local_sweep_reuses_rollouts_and_resumes(tiny_model_dir, tmp_path, monke
     point_dir = Path(rows[0]["run_dir"])
     assert (point_dir / "rollouts.jsonl").is_symlink()  # shared, not copied or regenerated
     assert (point_dir / "adapter" / "adapter_config.json").exists() and (point_dir / "movement.json").exists()
+    # The base's eval samples do not depend on the point: sampled once, in the base run.
+    assert (tmp_path / "run" / "eval_samples" / "base_samples.jsonl").exists()
+    assert not list(sweep_dir.glob("*/eval_samples/base_samples.jsonl"))
+    assert all((Path(r["run_dir"]) / "eval_samples" / "adapter_samples.jsonl").exists() for r in rows)
 
 
 @pytest.mark.slow

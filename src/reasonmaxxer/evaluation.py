@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -79,46 +78,51 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _reset_if_stale(folder: Path, settings: dict[str, Any]) -> None:
-    """Samples on disk are reused only if made with the same adapter, base and settings."""
-    stamp = folder / "settings.json"
+def _reset_if_stale(folder: Path, side: str, settings: dict[str, Any]) -> None:
+    """One side's samples ("base_*" or "adapter_*") are reused only if made with the same settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / f"{side}_settings.json"
     fp = fingerprint(settings)
     if stamp.exists() and read_json(stamp).get("fingerprint") == fp:
         return
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    for old in folder.glob(f"{side}_*.jsonl"):
+        old.unlink()
     atomic_write_json(stamp, {"fingerprint": fp})
 
 
 def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config, out: Path, progress: bool,
-                *, adapter_path: Path, base_path: str) -> dict[str, list[dict[str, Any]]]:
-    """Sampled (k per problem) and greedy rollouts of base and adapter, same seeds for both."""
+                *, adapter_path: Path, base_path: str, base_out: Path | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Sampled (k per problem) and greedy rollouts of base and adapter, same seeds for both.
+
+    Base samples go to ``base_out`` (default ``out``): a sweep shares them between points.
+    """
     k = cfg.eval.num_samples
     sampled_cfg = dataclasses.replace(cfg.rollout, num_samples=k)
     greedy_cfg = dataclasses.replace(cfg.rollout, num_samples=1, batch_size=max(cfg.rollout.batch_size, 1))
     seed = cfg.seed + 7919  # not the training rollouts' seed
+    shared = {"base": base_path, "rollout": dataclasses.asdict(cfg.rollout), "eval": dataclasses.asdict(cfg.eval),
+              "data": dataclasses.asdict(cfg.data), "problems": [p.id for p in problems], "seed": cfg.seed}
+    folders = {"base": base_out or out, "adapter": out}
+    _reset_if_stale(folders["base"], "base", shared)
+    _reset_if_stale(out, "adapter", {**shared, "adapter": _file_digest(adapter_path / "adapter_model.safetensors")})
     results: dict[str, list[dict[str, Any]]] = {}
-    _reset_if_stale(out, {"adapter": _file_digest(adapter_path / "adapter_model.safetensors"), "base": base_path,
-                          "rollout": dataclasses.asdict(cfg.rollout), "eval": dataclasses.asdict(cfg.eval),
-                          "data": dataclasses.asdict(cfg.data), "problems": [p.id for p in problems],
-                          "seed": cfg.seed})
     for who in ("base", "adapter"):
+        folder = folders[who]
         if who == "adapter":
             model.merge_adapter()  # merged weights generate as fast as the base
         try:
             ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
             with ctx:
-                run_rollouts(model, tokenizer, problems, cfg.data, sampled_cfg, out / f"{who}_samples.jsonl",
+                run_rollouts(model, tokenizer, problems, cfg.data, sampled_cfg, folder / f"{who}_samples.jsonl",
                              seed=seed, progress=progress, desc=f"eval {who} samples")
                 if cfg.eval.greedy:
-                    run_rollouts(model, tokenizer, problems, cfg.data, greedy_cfg, out / f"{who}_greedy.jsonl",
+                    run_rollouts(model, tokenizer, problems, cfg.data, greedy_cfg, folder / f"{who}_greedy.jsonl",
                                  seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy")
         finally:
             if who == "adapter":
                 model.unmerge_adapter()
-        results[f"{who}_samples"] = read_jsonl_resumable(out / f"{who}_samples.jsonl")
-        results[f"{who}_greedy"] = read_jsonl_resumable(out / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
+        results[f"{who}_samples"] = read_jsonl_resumable(folder / f"{who}_samples.jsonl")
+        results[f"{who}_greedy"] = read_jsonl_resumable(folder / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
     return results
 
 
@@ -218,7 +222,7 @@ def most_moved(pos: dict[str, Any], rollouts: list[dict[str, Any]], tokenizer: A
 
 
 def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, progress: bool = True,
-             tracker: Any = None) -> dict[str, Any]:
+             tracker: Any = None, base_samples_dir: Path | None = None) -> dict[str, Any]:
     """Everything eval.py writes: movement.json, accuracy.json, report.md, plots, forks.html.
 
     Metrics go to ``tracker`` when given (left open), else to a new ``<run>-eval`` run.
@@ -235,7 +239,7 @@ def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, prog
 
     t0 = time.perf_counter()
     samples = sample_both(model, tokenizer, problems, cfg, out / "eval_samples", progress,
-                          adapter_path=adapter_path, base_path=base_path)
+                          adapter_path=adapter_path, base_path=base_path, base_out=base_samples_dir)
     timings["sampling_s"] = time.perf_counter() - t0
     accuracy = accuracy_report(samples, cfg)
     atomic_write_json(out / "accuracy.json", accuracy)

@@ -227,7 +227,7 @@ def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool
         results = Pipeline(cfg, progress=progress).run(tracker=tracker)
         train_seconds = next(r.seconds for r in results if r.name == "training")
         evaluated = run_eval(cfg, adapter_path=run_dir / "adapter", base_path=cfg.model.name_or_path, out=run_dir,
-                             progress=progress, tracker=tracker)
+                             progress=progress, tracker=tracker, base_samples_dir=base_dir / "eval_samples")
         row = point_row(point, run_dir, evaluated["movement"], evaluated["accuracy"], train_seconds)
     finally:
         tracker.finish()
