@@ -18,21 +18,29 @@ def _fail(err: UserError) -> int:
     return err.exit_code
 
 
-def train_main(argv: Sequence[str] | None = None) -> int:
-    """``python train.py --config FILE [--stage NAME] [--section.key value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Run the ReasonMaxxer offline recipe: problems -> rollouts -> scoring -> selection -> training. "
-        "Any config key can be overridden as --section.key value or --section.key=value.",
-    )
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options both entry points share; every other --section.key is a config override."""
+    parser = argparse.ArgumentParser(prog=prog, description=description + " Any config key can be overridden as "
+                                     "--section.key value or --section.key=value.")
     parser.add_argument("--config", help="YAML run config (default: the built-in defaults)")
-    parser.add_argument("--stage", help="run only this stage (its inputs must exist)")
-    parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``python train.py --config FILE [--stage NAME] [--sweep FILE] [--section.key value ...]``."""
+    parser = _parser("train.py", "Run the ReasonMaxxer offline recipe: problems -> rollouts -> scoring -> "
+                     "selection -> training.")
+    parser.add_argument("--stage", help="run only this stage (its inputs must exist)")
+    parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
+    args, overrides = parser.parse_known_args(argv)
+    _setup_logging()
     try:
         from .config import load_config
 
@@ -72,20 +80,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """``python eval.py --config FILE [--adapter PATH] [--base ID_OR_PATH] [--output_dir DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="eval.py",
-        description="Measure how far an adapter moved its base at forks vs elsewhere, and whether it got better. "
-        "Config keys can be overridden as --section.key value (e.g. --eval.num_samples 4).",
-    )
-    parser.add_argument("--config", help="the YAML config the run was trained with")
+    parser = _parser("eval.py", "Measure how far an adapter moved its base at forks vs elsewhere, and whether "
+                     "it got better.")
     parser.add_argument("--adapter", help="PEFT adapter folder (default: <output_dir>/adapter)")
     parser.add_argument("--base", help="base model id or folder (default: model.name_or_path)")
     parser.add_argument("--run_dir", help="the trained run's folder (default: the config's output_dir)")
     parser.add_argument("--output_dir", dest="eval_dir",
                         help="where to write the results (default: the run's folder, the config's output_dir)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     try:
         from .config import load_config
 

@@ -219,17 +219,17 @@ class Pipeline:
         return summary
 
     def stage_training(self) -> dict[str, Any]:
-        from .trainer import train_adapter
+        from .scoring import load_scores
+        from .trainer import build_trainer, train_adapter
 
         model, tokenizer = self.model_and_tokenizer()
-        from .scoring import load_scores
-
-        return train_adapter(
+        trainer = build_trainer(
             self.cfg, model, tokenizer, self.rollouts(), read_jsonl_resumable(self.path("selection.jsonl")),
-            load_scores(self.path("scores")), self.run_dir,
+            load_scores(self.path("scores")), self.path("checkpoints"),
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
             entropy_temperature=self.entropy_temperature,
         )
+        return train_adapter(trainer, self.run_dir)
 
 
 def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:

@@ -197,25 +197,11 @@ def build_trainer(
     )
 
 
-def train_adapter(
-    cfg: Config,
-    model: Any,
-    tokenizer: Any,
-    rollouts: list[dict[str, Any]],
-    selection: list[dict[str, Any]],
-    scores: dict[int, dict[str, torch.Tensor]],
-    run_dir: Path,
-    *,
-    report_to: str,
-    entropy_temperature: float,
-) -> dict[str, Any]:
-    """Train the LoRA adapter on the selected rollouts; resume from the last checkpoint.
+def train_adapter(trainer: ForkGatedTrainer, run_dir: Path) -> dict[str, Any]:
+    """Train, resuming from the last checkpoint in ``run_dir/checkpoints``; save the adapter.
 
-    Writes ``checkpoints/`` (Trainer checkpoints), ``adapter/`` (PEFT format) and
-    ``train_log.json`` (the Trainer's log history) under ``run_dir``.
+    Writes ``adapter/`` (PEFT format) and ``train_log.json`` (the Trainer's log history).
     """
-    trainer = build_trainer(cfg, model, tokenizer, rollouts, selection, scores, run_dir / "checkpoints",
-                            report_to=report_to, entropy_temperature=entropy_temperature)
     resume = _last_checkpoint(run_dir / "checkpoints")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir / "adapter"))
@@ -223,7 +209,7 @@ def train_adapter(
     atomic_write_json(run_dir / "train_log.json", history)
     last = next((h for h in reversed(history) if "fork_fraction" in h), {})
     return {
-        "examples": len(selection),
+        "examples": len(trainer.train_dataset),
         "steps": trainer.state.global_step,
         "resumed_from": resume.rsplit("-", 1)[-1] if resume else None,
         "train_loss": result.training_loss,
