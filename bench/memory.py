@@ -54,7 +54,6 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     prompt = torch.randint(3, vocab, (prompt_len,)).tolist()
     completion = torch.randint(3, vocab, (length - prompt_len,)).tolist()
     batch = pack_batch([prompt], [completion], pad_id=0)
-    C = batch["completion_ids"].shape[1]
     if phase in ("cached", "exact"):
         stats = score_batch(base, batch, top_k=top_k, chunk_size=256, entropy_temperature=1.0)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -25,7 +25,7 @@ from .accuracy import accuracy_summary, paired_bootstrap_delta, per_problem_rewa
 from .config import Config
 from .entropy import gate_mask
 from .errors import ConfigError, DataError
-from .problems import Problem
+from .problems import Problem, read_split
 from .rollouts import run_rollouts
 from .sequences import pack_batch, pad_ragged
 from .storage import atomic_write_json, fingerprint, read_json, read_jsonl_resumable
@@ -35,9 +35,7 @@ def heldout_problems(cfg: Config) -> list[Problem]:
     """The run's held-out split (from its problems.jsonl, else regenerated from the config)."""
     path = Path(cfg.output_dir) / "problems.jsonl"
     if path.exists():
-        fields = {f.name for f in dataclasses.fields(Problem)}
-        problems = [Problem(**{k: v for k, v in r.items() if k in fields})
-                    for r in read_jsonl_resumable(path) if r.get("split") == "heldout"]
+        problems = read_split(path, "heldout")
     else:
         from .pipeline import load_problems
 

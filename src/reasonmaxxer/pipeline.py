@@ -20,7 +20,7 @@ import yaml
 
 from .config import Config
 from .errors import ConfigError, DataError
-from .problems import Problem
+from .problems import Problem, read_split
 from .storage import atomic_write_json, atomic_write_text, fingerprint, read_json, read_jsonl_resumable, write_jsonl
 from .tracking import Tracker, redact
 
@@ -174,9 +174,7 @@ class Pipeline:
         return {"train": len(train), "heldout": len(heldout)}
 
     def problems(self, split: str) -> list[Problem]:
-        fields = {f.name for f in dataclasses.fields(Problem)}
-        rows = read_jsonl_resumable(self.path("problems.jsonl"))
-        return [Problem(**{k: v for k, v in r.items() if k in fields}) for r in rows if r["split"] == split]
+        return read_split(self.path("problems.jsonl"), split)
 
     def stage_rollouts(self) -> dict[str, Any]:
         from .rollouts import run_rollouts

@@ -16,6 +16,8 @@ Every user-fixable failure raises :class:`~reasonmaxxer.errors.DataError` (or
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import random
@@ -569,3 +571,10 @@ def split_heldout(problems: list[Problem], *, heldout: int, seed: int) -> tuple[
             f"with a prompt different from the held-out ones"
         )
     return train, held
+
+
+def read_split(path: str | Path, split: str) -> list[Problem]:
+    """The problems of one split from a run's problems.jsonl (rows carry a "split" field)."""
+    fields = {f.name for f in dataclasses.fields(Problem)}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [Problem(**{k: v for k, v in r.items() if k in fields}) for r in rows if r.get("split") == split]
