@@ -181,3 +181,15 @@ def test_eval_logs_tables_and_histograms_to_wandb(trained_run, tiny_model_dir, t
     for key in ("eval/most_moved", "eval/base_entropy", "eval/kl_fork", "movement/kl_share_at_forks",
                 "accuracy/delta_pass_at_1", "movement/fork/top1_agreement"):
         assert key.encode() in record, key
+
+
+def test_controls_are_measured_at_their_reference_entropy_gate():
+    from reasonmaxxer.config import load_config
+    from reasonmaxxer.evaluation import movement_gate
+
+    for mode in ("random", "all"):
+        gate = load_config(None, ["--gate.mode", mode, "--gate.reference", "topk", "--gate.k", "3"]).gate
+        measured = movement_gate(gate)
+        assert measured.mode == "topk" and measured.k == 3
+    gate = load_config(None, ["--gate.mode", "quantile"]).gate
+    assert movement_gate(gate) == gate

@@ -136,6 +136,18 @@ def accuracy_report(samples: dict[str, Any], cfg: Config) -> dict[str, Any]:
     }
 
 
+def movement_gate(gate: Any) -> Any:
+    """The entropy gate whose forks movement is split by.
+
+    The controls (``random``, ``all``) are measured at the forks of their reference
+    entropy gate: the question is whether an adapter moved the policy at the high-entropy
+    positions, whatever positions it was trained on.
+    """
+    if gate.mode in ("random", "all"):
+        return dataclasses.replace(gate, mode=gate.reference)
+    return gate
+
+
 def pick_movement_rollouts(rollouts: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """Up to n rollouts alternating correct and wrong (then whatever is left), in file order."""
     correct = [r for r in rollouts if r["reward"] > 0]
@@ -171,7 +183,7 @@ def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]
     T = max(lengths)
     mask = pad_ragged([torch.ones(L, dtype=torch.bool) for L in lengths], T, False)
     base_h = pad_ragged([p["base_entropy"] for p in per_rollout], T)
-    forks = gate_mask(cfg.gate, base_h, mask, generator=torch.Generator().manual_seed(cfg.seed))
+    forks = gate_mask(movement_gate(cfg.gate), base_h, mask)
     flat = {k: torch.cat([p[k] for p in per_rollout]) for k in per_rollout[0]}
     flat["fork"] = forks[mask]
     flat["correct"] = torch.cat([torch.full((L,), r["reward"] > 0) for L, r in zip(lengths, rollouts)])
@@ -188,7 +200,8 @@ def movement_report(pos: dict[str, Any], cfg: Config, entropy_temperature: float
 
     flat = pos["flat"]
     report = summarize(flat, flat["fork"], flat["correct"])
-    report["gate"] = {**dataclasses.asdict(cfg.gate), "entropy_temperature": entropy_temperature}
+    report["gate"] = {**dataclasses.asdict(cfg.gate), "entropy_temperature": entropy_temperature,
+                      "measured_at": movement_gate(cfg.gate).mode}
     if pos["policy_entropy_padded"] is not None:
         report["high_entropy_overlap"] = high_entropy_overlap(
             pos["base_entropy_padded"], pos["policy_entropy_padded"], pos["mask"], quantile=0.2)

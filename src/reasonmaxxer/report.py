@@ -23,7 +23,7 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def _fork_cut(movement: dict[str, Any], flat: dict[str, torch.Tensor]) -> float | None:
     """The entropy above which positions are forks: tau, or the lowest fork's entropy."""
-    gate = movement["gate"]
+    gate = {**movement["gate"], "mode": movement["gate"].get("measured_at", movement["gate"]["mode"])}
     if gate["mode"] == "threshold":
         return float(gate["tau"])
     if gate["mode"] == "quantile" and flat["fork"].any():
@@ -44,7 +44,7 @@ def plot_all(out: Path, movement: dict[str, Any], flat: dict[str, torch.Tensor])
     ax.hist(h, bins=60, color="#4c72b0")
     cut = _fork_cut(movement, flat)
     if cut is not None:
-        ax.axvline(cut, color="#c44e52", ls="--", label=f"gate ({movement['gate']['mode']}) {cut:.2f} nats")
+        ax.axvline(cut, color="#c44e52", ls="--", label=f"forks: {movement['gate'].get('measured_at')} gate, {cut:.2f} nats")
         ax.legend()
     ax.set_xlabel("base entropy (nats)")
     ax.set_ylabel("completion positions")
@@ -158,7 +158,8 @@ def markdown(movement: dict[str, Any], accuracy: dict[str, Any], top: list[dict[
         f"Δpass@1 = {_f(d['mean'])} (paired bootstrap 95% CI {_f(d['ci95'][0])} to {_f(d['ci95'][1])}, "
         f"{d['n']} problems).", "",
         "## Movement at forks vs elsewhere", "",
-        f"Gate: `{movement['gate']['mode']}` (τ={movement['gate']['tau']}, ρ={movement['gate']['quantile']}, "
+        f"Gate: `{movement['gate']['mode']}`, forks measured at the `{movement['gate'].get('measured_at')}` gate "
+        f"(τ={movement['gate']['tau']}, ρ={movement['gate']['quantile']}, "
         f"k={movement['gate']['k']}), entropy at T={movement['gate']['entropy_temperature']}; "
         f"{movement['positions']['fork']} fork and {movement['positions']['nonfork']} non-fork positions "
         f"from {movement.get('rollouts', '?')} held-out base rollouts.", "",
