@@ -83,3 +83,26 @@ def test_kill_during_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_pa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_kill_during_a_sweep_resumes_at_the_unfinished_point(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    _finish(tiny_run_args(tiny_model_dir, run, "--stage", "problems"))
+    _finish(tiny_run_args(tiny_model_dir, run, "--stage", "rollouts"))
+    give_mixed_rewards(run / "rollouts.jsonl")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("name: s\nmethod: grid\nparameters:\n  gate.k:\n    values: [2, 3]\n"
+                     "  gate.mode:\n    value: topk\n")
+    args = tiny_run_args(tiny_model_dir, run, "--eval.num_samples", "2", "--eval.bootstrap", "100",
+                         "--eval.movement_rollouts", "4", "--sweep", str(sweep))
+    first = run / "sweeps" / "s" / "gate.k=2,gate.mode=topk"
+    second = run / "sweeps" / "s" / "gate.k=3,gate.mode=topk"
+    proc = _train(args)
+    _kill_when(proc, lambda: (first / "point.json").exists() and (second / "stages").exists())
+    adapter_mtime = (first / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert not (second / "point.json").exists()
+    _finish(args)
+    assert (first / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime  # not redone
+    rows = json.loads((run / "sweeps" / "s" / "ablation.json").read_text())
+    assert [r["point"]["gate.k"] for r in rows] == [2, 3]
+    assert (second / "adapter" / "adapter_config.json").exists()
