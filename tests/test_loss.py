@@ -683,3 +683,22 @@ def test_exact_kl_with_shared_lse_has_the_exact_gradient():
                                            torch.distributions.Categorical(logits=ref))
     kl.sum().backward()
     assert torch.allclose(policy.grad, ref.grad, atol=1e-5)
+
+
+def test_inf_and_nan_outside_the_completion_do_not_leak():
+    torch.manual_seed(0)
+    policy_logp = -torch.rand(2, 4)
+    completion = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    forks = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    kl = torch.rand(2, 4)
+    clean, _ = fork_gated_loss(policy_logp, policy_logp, torch.tensor([1.0, -1.0]), forks, completion, kl,
+                               kl_coef=0.3)
+    dirty_logp = policy_logp.clone()
+    dirty_kl = kl.clone()
+    dirty_logp[completion == 0] = float("-inf")
+    dirty_kl[0, 3] = float("nan")
+    dirty_kl[1, 3] = float("inf")
+    dirty, stats = fork_gated_loss(dirty_logp, dirty_logp, torch.tensor([1.0, -1.0]), forks, completion,
+                                   dirty_kl, kl_coef=0.3)
+    assert torch.isfinite(dirty) and dirty.item() == pytest.approx(clean.item())
+    assert all(v == v for v in stats.values())  # no NaN statistic

@@ -153,8 +153,9 @@ def topk_kl(base_topk_logp: torch.Tensor, policy_topk_logp: torch.Tensor) -> tor
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` where ``mask``; 0 (not nan) on an empty mask; keeps the graph."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    # where, not multiply: an inf/nan outside the mask (padding) must not leak in as 0 * inf.
+    picked = torch.where(mask.bool(), values, torch.zeros_like(values))
+    return picked.sum() / mask.sum().clamp_min(1).to(values.dtype)
 
 
 def fork_gated_loss(
@@ -210,8 +211,8 @@ def fork_gated_loss(
     nll = -policy_logp
 
     if variant == "signed":
-        weight = torch.where(pos_forks | active_neg, adv, torch.zeros_like(adv))
-        fork_term = (weight * nll).sum() / n_forks.clamp_min(1)
+        pushed = torch.where(pos_forks | active_neg, adv * nll, torch.zeros_like(nll))
+        fork_term = pushed.sum() / n_forks.clamp_min(1)
     elif variant == "positive_only":
         fork_term = _masked_mean(adv * nll, pos_forks)
     elif variant == "split":
