@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from reasonmaxxer.config import load_config
 from reasonmaxxer.scoring import score_batch
 from reasonmaxxer.sequences import pack_batch
-from reasonmaxxer.trainer import build_trainer
+from reasonmaxxer.trainer import build_trainer, last_complete_checkpoint
 
 
 def _rollouts(tokenizer, n=6, seed=0):
@@ -169,3 +170,35 @@ def test_gradient_accumulation_averages_micro_batches(tiny_model_dir, tmp_path):
     one, two = grads_after(1), grads_after(2)
     for a, b in zip(one, two):  # two identical micro-batches, averaged: the same gradient
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def _checkpoint(folder, step, *, state_step=None, weights=True, state=True, torn_state=False):
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if weights:
+        (path / "adapter_model.safetensors").write_bytes(b"x")
+    if torn_state:
+        (path / "trainer_state.json").write_text('{"global_st')
+    elif state:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": state_step or step}))
+    return path
+
+
+def test_last_complete_checkpoint_skips_and_removes_torn_ones(tmp_path):
+    folder = tmp_path / "checkpoints"
+    assert last_complete_checkpoint(folder) is None  # no folder yet
+    _checkpoint(folder, 2)
+    _checkpoint(folder, 10)  # numeric order, not string order: 10 > 4
+    torn = [_checkpoint(folder, 12, state=False), _checkpoint(folder, 14, torn_state=True),
+            _checkpoint(folder, 16, weights=False), _checkpoint(folder, 18, state_step=16)]
+    (folder / "checkpoint-notanumber").mkdir()
+    assert last_complete_checkpoint(folder) == str(folder / "checkpoint-10")
+    assert not any(p.exists() for p in torn)
+    assert (folder / "checkpoint-2").exists() and (folder / "checkpoint-notanumber").exists()
+
+
+def test_last_complete_checkpoint_none_when_all_torn(tmp_path):
+    folder = tmp_path / "checkpoints"
+    _checkpoint(folder, 4, state=False)
+    assert last_complete_checkpoint(folder) is None
+    assert not (folder / "checkpoint-4").exists()

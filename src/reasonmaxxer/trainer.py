@@ -8,6 +8,10 @@ scoring (``loss.kl_anchor: cached``) or the same weights with the LoRA adapter d
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,9 @@ from .entropy import gate_mask, token_entropy
 from .loss import exact_kl, fork_gated_loss, policy_logprobs, topk_kl
 from .sequences import pack_batch, pad_ragged
 from .storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 def fork_dataset(selection: list[dict[str, Any]]) -> datasets.Dataset:
@@ -153,12 +160,35 @@ class ForkGatedTrainer(SFTTrainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
-def _last_checkpoint(folder: Path) -> str | None:
+def _checkpoint_is_complete(path: Path) -> bool:
+    """Whether the Trainer finished writing ``path``.
+
+    The Trainer writes a checkpoint in place: weights, optimizer, RNG state, and
+    ``trainer_state.json`` last. A kill in between leaves a folder that
+    ``get_last_checkpoint`` would still pick, so a complete one is one whose state file
+    parses and names the folder's own step, next to adapter weights.
+    """
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    step = path.name.rsplit("-", 1)[-1]
+    has_weights = any((path / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors"))
+    return has_weights and str(state.get("global_step")) == step
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``folder``; torn ones (killed mid-save) are removed."""
     if not folder.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder))
+    found = sorted((p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.fullmatch(p.name)),
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    for path in found:
+        if _checkpoint_is_complete(path):
+            return str(path)
+        logger.warning("removing %s: it was not finished (the run was killed while saving it)", path)
+        shutil.rmtree(path, ignore_errors=True)  # every rank may get here at once
+    return None
 
 
 def build_trainer(
@@ -202,7 +232,7 @@ def train_adapter(trainer: ForkGatedTrainer, run_dir: Path) -> dict[str, Any]:
 
     Writes ``adapter/`` (PEFT format) and ``train_log.json`` (the Trainer's log history).
     """
-    resume = _last_checkpoint(run_dir / "checkpoints")
+    resume = last_complete_checkpoint(run_dir / "checkpoints")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir / "adapter"))
     history = trainer.state.log_history
