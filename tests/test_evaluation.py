@@ -14,6 +14,7 @@ from reasonmaxxer.accuracy import accuracy_summary, paired_bootstrap_delta, pass
 from reasonmaxxer.cli import eval_main
 from reasonmaxxer.testing import build_tiny_model_dir, tiny_run_args
 
+
 def _eval_args(model_dir, run_dir, *extra):
     """The tiny run's settings, pointing eval at the run (--output_dir is where eval writes)."""
     args = tiny_run_args(model_dir, run_dir)

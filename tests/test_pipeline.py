@@ -12,8 +12,6 @@ from reasonmaxxer.cli import train_main
 from reasonmaxxer.testing import tiny_run_args
 
 
-
-
 def _stage_lines(out: str) -> dict[str, str]:
     lines = {}
     for line in out.splitlines():

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import distributed as dist
 from .errors import UserError
 
 
@@ -45,6 +46,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from .config import load_config
 
         start = time.perf_counter()
+        if args.sweep and dist.world_size() > 1:
+            raise UserError("--sweep runs its points one after another in one process; launch it with "
+                            "`python train.py`, not torchrun (each point can still use every GPU it sees)")
         if args.sweep:
             from .sweep import run_sweep
 
@@ -56,6 +60,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from .sweep import agent_run_dir
 
         point_dir = agent_run_dir(cfg, overrides)
+        if point_dir is not None and dist.world_size() > 1:
+            raise UserError("a `wandb agent` sweep point runs in one process; start the agent without torchrun")
         if point_dir is not None:  # one point of a `wandb agent` sweep: train and evaluate it
             from .sweep import ensure_shared_stages, run_point
 
@@ -73,8 +79,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"\nReasonMaxxer run in {cfg.output_dir} ({time.perf_counter() - start:.1f} s)")
-    print(summary_table(results))
+    if dist.is_main():
+        print(f"\nReasonMaxxer run in {cfg.output_dir} ({time.perf_counter() - start:.1f} s, "
+              f"{dist.world_size()} process{'es' if dist.world_size() > 1 else ''})")
+        print(summary_table(results))
     return 0
 
 
@@ -92,6 +100,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     try:
         from .config import load_config
 
+        if dist.world_size() > 1:
+            raise UserError("eval.py runs in one process; start it with `python eval.py`, not torchrun")
         cfg = load_config(args.config, overrides)
         if args.run_dir:
             cfg.output_dir = args.run_dir

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import distributed as dist
 from .config import Config
 from .errors import ConfigError, DataError
 from .problems import Problem, read_split
@@ -95,7 +96,7 @@ class Pipeline:
 
             m = self.cfg.model
             self._tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
-            self._model = load_model(m.name_or_path, dtype=m.dtype, device=m.device,
+            self._model = load_model(m.name_or_path, dtype=m.dtype, device=dist.process_device(m.device),
                                      trust_remote_code=m.trust_remote_code)
             self._model.eval()
         return self._model, self._tokenizer
@@ -110,10 +111,13 @@ class Pipeline:
             from .modeling import check_model_source
 
             check_model_source(self.cfg.model.name_or_path)
+        dist.init()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path("config.yaml"), yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False))
+        if dist.is_main():
+            atomic_write_text(self.path("config.yaml"), yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False))
         fps = self.fingerprints()
-        self.tracker = tracker if tracker is not None else Tracker(self.cfg, self.run_dir)
+        # One W&B run per job: only the main process logs.
+        self.tracker = tracker if tracker is not None else Tracker(self.cfg, self.run_dir, enabled=dist.is_main())
         results = []
         try:
             for stage in stages:
@@ -137,17 +141,24 @@ class Pipeline:
                                 f"run `--stage {up}` first, or all stages without --stage")
 
     def _run_stage(self, stage: str, fp: str) -> StageResult:
+        # Every process reads the state before the main process changes it, so all of
+        # them take the same branch; only the main process writes state and shared files.
         state = self.state(stage)
+        dist.barrier()
         if state is not None and state.get("fingerprint") == fp and state.get("done"):
             return StageResult(stage, state["summary"], state["seconds"], skipped=True)
-        if state is not None and state.get("fingerprint") != fp:
-            self._clear_outputs(stage)  # settings changed: what is there belongs to another config
-        atomic_write_json(self._state_path(stage), {"fingerprint": fp, "done": False})
+        if dist.is_main():
+            if state is not None and state.get("fingerprint") != fp:
+                self._clear_outputs(stage)  # settings changed: what is there belongs to another config
+            atomic_write_json(self._state_path(stage), {"fingerprint": fp, "done": False})
+        dist.barrier()
         start = time.perf_counter()
         summary = getattr(self, f"stage_{stage}")()
         seconds = time.perf_counter() - start
-        atomic_write_json(self._state_path(stage),
-                          {"fingerprint": fp, "done": True, "summary": summary, "seconds": seconds})
+        dist.barrier()
+        if dist.is_main():
+            atomic_write_json(self._state_path(stage),
+                              {"fingerprint": fp, "done": True, "summary": summary, "seconds": seconds})
         if self.tracker is not None:
             self.tracker.summary(stage, {**summary, "seconds": seconds})
         return StageResult(stage, summary, seconds, skipped=False)
@@ -170,7 +181,8 @@ class Pipeline:
         train, heldout = load_problems(self.cfg)
         rows = [{**dataclasses.asdict(p), "split": "train"} for p in train]
         rows += [{**dataclasses.asdict(p), "split": "heldout"} for p in heldout]
-        write_jsonl(self.path("problems.jsonl"), rows)
+        if dist.is_main():
+            write_jsonl(self.path("problems.jsonl"), rows)
         return {"train": len(train), "heldout": len(heldout)}
 
     def problems(self, split: str) -> list[Problem]:
@@ -213,7 +225,8 @@ class Pipeline:
         from .selection import select_rollouts
 
         rows, summary = select_rollouts(self.rollouts(), self.cfg.selection)
-        write_jsonl(self.path("selection.jsonl"), rows)
+        if dist.is_main():
+            write_jsonl(self.path("selection.jsonl"), rows)
         return summary
 
     def stage_training(self) -> dict[str, Any]:

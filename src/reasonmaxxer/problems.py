@@ -17,7 +17,6 @@ Every user-fixable failure raises :class:`~reasonmaxxer.errors.DataError` (or
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import random

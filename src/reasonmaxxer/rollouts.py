@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .config import DataConfig, RolloutConfig
 from .problems import Problem
 from .rewards import verify
@@ -230,31 +231,48 @@ def run_rollouts(
     partial = {p.id for batch, ok in zip(batches, finished) if not ok for p in batch}
     if partial & counts.keys():
         existing = [r for r in existing if r["problem_id"] not in partial]
-        write_jsonl(out_path, existing)
+        if dist.is_main():
+            write_jsonl(out_path, existing)
+    dist.barrier()
     todo = [(b, batch) for b, (batch, ok) in enumerate(zip(batches, finished)) if not ok]
+    # With several processes they go in rounds: process r samples the r-th batch of each
+    # round and the main process appends the round's batches in batch order, so the file
+    # is the one a single process writes.
+    world, rank = dist.world_size(), dist.rank()
     new_tokens = 0
+    batches_per_process = [0] * world
     bar = tqdm(total=len(problems), initial=len(problems) - sum(len(b) for _, b in todo),
-               desc=desc, unit="problem", disable=not progress)
-    for b, batch in todo:
-        results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids,
-                                 seed=seed * 100003 + b, do_sample=do_sample)
-        records = []
-        for problem, samples in zip(batch, results):
-            for j, (completion, finish) in enumerate(samples):
-                text = tokenizer.decode(completion, skip_special_tokens=True)
-                reward, extracted = verify(text, problem.answer)
-                new_tokens += len(completion)
-                records.append({
-                    "problem_id": problem.id, "sample": j, "kind": problem.kind,
-                    "answer": problem.answer, "prompt_ids": prompts[problem.id],
-                    "completion_ids": completion, "text": text, "finish": finish,
-                    "reward": reward, "extracted": extracted,
-                })
-        append_jsonl(out_path, records)
-        bar.update(len(batch))
-        if on_batch is not None:
-            on_batch(b)
+               desc=desc, unit="problem", disable=not progress or not dist.is_main())
+    for first in range(0, len(todo), world):
+        mine = todo[first + rank] if first + rank < len(todo) else None
+        records: list[dict[str, Any]] = []
+        if mine is not None:
+            b, batch = mine
+            results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids,
+                                     seed=seed * 100003 + b, do_sample=do_sample)
+            for problem, samples in zip(batch, results):
+                for j, (completion, finish) in enumerate(samples):
+                    text = tokenizer.decode(completion, skip_special_tokens=True)
+                    reward, extracted = verify(text, problem.answer)
+                    records.append({
+                        "problem_id": problem.id, "sample": j, "kind": problem.kind,
+                        "answer": problem.answer, "prompt_ids": prompts[problem.id],
+                        "completion_ids": completion, "text": text, "finish": finish,
+                        "reward": reward, "extracted": extracted,
+                    })
+        for source, done in enumerate(dist.gather_objects(None if mine is None else (mine[0], records))):
+            if done is None:
+                continue
+            batches_per_process[source] += 1
+            b, batch_records = done
+            if dist.is_main():
+                append_jsonl(out_path, batch_records)
+            new_tokens += sum(len(r["completion_ids"]) for r in batch_records)
+            bar.update(len(batches[b]))
+            if on_batch is not None:
+                on_batch(b)
     bar.close()
+    dist.barrier()  # the last round is on disk before anyone reads the file
     records = read_jsonl_resumable(out_path)
     elapsed = time.perf_counter() - start
     rewards = [r["reward"] for r in records]
@@ -265,4 +283,5 @@ def run_rollouts(
         "new_tokens_this_run": new_tokens,
         "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
         "resumed_from": len(existing),
+        "batches_per_process": batches_per_process,
     }

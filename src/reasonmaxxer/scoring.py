@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .entropy import token_stats
 from .sequences import pack_batch
 
@@ -105,9 +106,13 @@ def score_rollouts(
     # Length-sorted batches waste less padding; the order is fixed so resumed shards match.
     order = sorted(range(len(rollouts)), key=lambda i: (len(rollouts[i]["completion_ids"]), i))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(total=len(rollouts), desc="scoring", unit="rollout", disable=not progress)
+    # Each process scores every world_size-th batch into its own shard files.
+    mine = dist.my_share(len(batches))
+    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc="scoring", unit="rollout",
+               disable=not progress or not dist.is_main())
     resumed = 0
-    for b, idx in enumerate(batches):
+    for b in mine:
+        idx = batches[b]
         path = _shard_path(out_dir, b)
         if path.exists():
             resumed += len(idx)
@@ -131,10 +136,13 @@ def score_rollouts(
         os.replace(tmp, path)
         bar.update(len(idx))
     bar.close()
+    resumed = sum(dist.gather_objects(resumed))
+    dist.barrier()  # every shard is on disk before anyone loads them
     return {
         "rollouts": len(rollouts),
         "shards": len(batches),
         "resumed_rollouts": resumed,
+        "processes": dist.world_size(),
         "seconds": time.perf_counter() - start,
     }
 

@@ -42,10 +42,10 @@ def _has_credentials() -> bool:
 class Tracker:
     """A W&B run (or nothing, with ``report_to: none``) shared by every stage."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, *, enabled: bool = True):
         self.run = None
         self.report_to = cfg.tracking.report_to
-        if self.report_to != "wandb":
+        if self.report_to != "wandb" or not enabled:
             return
         import wandb
 

@@ -214,7 +214,8 @@ def build_trainer(
         seed=cfg.seed,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
-        **cfg.training,
+        # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
+        **{"ddp_find_unused_parameters": False, **cfg.training},
     )
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
@@ -236,7 +237,8 @@ def train_adapter(trainer: ForkGatedTrainer, run_dir: Path) -> dict[str, Any]:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir / "adapter"))
     history = trainer.state.log_history
-    atomic_write_json(run_dir / "train_log.json", history)
+    if trainer.is_world_process_zero():
+        atomic_write_json(run_dir / "train_log.json", history)
     last = next((h for h in reversed(history) if "fork_fraction" in h), {})
     return {
         "examples": len(trainer.train_dataset),

@@ -1,0 +1,80 @@
+"""Several processes: who does what, and how they wait for each other.
+
+A run started by ``torchrun`` (or ``accelerate launch``) has ``WORLD_SIZE > 1`` in its
+environment. The process group is set up through accelerate's ``PartialState`` — the
+same state TRL's trainer uses later — so it is gloo on CPU and nccl on GPUs. With one
+process every function here is a no-op, and nothing is imported.
+
+The stages divide their work by batch: process ``r`` of ``n`` takes batches ``r, r+n,
+r+2n, ...``. Every batch keeps the seed it has in a one-process run, so the outputs are
+the same whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _state() -> Any:
+    import torch
+    from accelerate import PartialState
+
+    # A singleton: the first call joins the process group, and TRL's trainer reuses it.
+    # Without ``cpu=True`` accelerate takes a torchrun job on CPUs for a single process
+    # (the Trainer asks for the same when there is no GPU).
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def init() -> None:
+    """Join the process group when there are several processes."""
+    if world_size() > 1:
+        _state()
+
+
+def rank() -> int:
+    return _state().process_index if world_size() > 1 else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _state().wait_for_everyone()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every process, in rank order (``[obj]`` with one process)."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def my_share(n: int) -> range:
+    """Indices ``0..n-1`` that this process handles: every ``world_size``-th one."""
+    return range(rank(), n, world_size())
+
+
+def process_device(device: str) -> str:
+    """``model.device`` for this process: with several processes, "auto"/"cuda" mean this
+    process's own GPU (``cuda:LOCAL_RANK``)."""
+    if world_size() > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank()}"
+    return device

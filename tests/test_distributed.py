@@ -1,0 +1,83 @@
+"""Two processes on this CPU machine, started by torchrun over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reasonmaxxer.entropy import fork_mask, quantile_threshold
+from reasonmaxxer.testing import give_mixed_rewards, tiny_run_args
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).parent / "workers"
+sys.path.insert(0, str(WORKERS))
+from quantile_gate import shared_batch  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(script: Path, *args: str, nproc: int = 2) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(WORKERS)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("quantile", [0.2, 0.5, 1.0])
+def test_quantile_gate_over_two_processes_equals_one_process(tmp_path, quantile):
+    _torchrun(WORKERS / "quantile_gate.py", str(tmp_path), str(quantile))
+    entropy, mask = shared_batch()
+    single = fork_mask(entropy, mask, mode="quantile", quantile=quantile)
+    single_threshold = quantile_threshold(entropy, mask, quantile)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [p["world"] for p in parts] == [2, 2]
+    assert sorted(torch.cat([p["rows"] for p in parts]).tolist()) == list(range(entropy.shape[0]))
+    for p in parts:
+        assert torch.equal(p["forks"], single[p["rows"]])
+        assert torch.equal(p["threshold"], single_threshold)
+    # Each process alone would cut at its own quantile, and on this batch that differs.
+    alone = [quantile_threshold(entropy[p["rows"]], mask[p["rows"]], quantile) for p in parts]
+    if quantile < 1.0:
+        assert any(not torch.equal(a, single_threshold) for a in alone)
+
+
+def _rows(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_two_processes_split_rollouts_and_scoring_and_train(tiny_model_dir, tmp_path):
+    extra = ("--data.num_train", "12", "--gate.mode", "quantile", "--gate.quantile", "0.3")
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT / "src")}
+    for stage in ("problems", "rollouts", "scoring"):
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_run_args(tiny_model_dir, one, *extra),
+                        "--stage", stage], env=env, check=True, capture_output=True)
+        _torchrun(ROOT / "train.py", *tiny_run_args(tiny_model_dir, two, *extra), "--stage", stage)
+
+    # Rollouts: the same file as one process writes, each batch sampled by one process.
+    assert _rows(two / "rollouts.jsonl") == _rows(one / "rollouts.jsonl")
+    summary = json.loads((two / "stages" / "rollouts.json").read_text())["summary"]
+    per_process = summary["batches_per_process"]
+    assert len(per_process) == 2 and min(per_process) > 0
+    assert sum(per_process) == len(_rows(one / "rollouts.jsonl")) // 4 // 2  # 4 samples, 2 problems a batch
+    # Scoring: the same shards, written by both processes.
+    shards = sorted(p.name for p in (one / "scores").glob("shard-*.safetensors"))
+    assert shards == sorted(p.name for p in (two / "scores").glob("shard-*.safetensors")) and len(shards) > 1
+    for name in shards:
+        assert (one / "scores" / name).read_bytes() == (two / "scores" / name).read_bytes()
+
+    give_mixed_rewards(two / "rollouts.jsonl")
+    out = _torchrun(ROOT / "train.py", *tiny_run_args(tiny_model_dir, two, *extra))
+    assert "2 processes" in out and out.count("ReasonMaxxer run in") == 1  # one report, from the main process
+    state = json.loads((two / "stages" / "training.json").read_text())
+    assert state["done"] and state["summary"]["steps"] == 3
+    assert (two / "adapter" / "adapter_model.safetensors").exists()
