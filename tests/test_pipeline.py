@@ -72,8 +72,17 @@ def test_rerun_skips_unchanged_stages_and_redoes_changed_ones(finished_run, tiny
     lines = _stage_lines(capsys.readouterr().out)
     assert all("skipped" in lines[s] for s in ("problems", "rollouts", "scoring", "selection", "training"))
 
-    # A gate change invalidates training only.
-    assert train_main(tiny_run_args(tiny_model_dir, finished_run, "--gate.mode", "topk", "--gate.k", "2")) == 0
+    # A gate change invalidates training only: refused (the adapter would be deleted) ...
+    changed = ("--gate.mode", "topk", "--gate.k", "2")
+    adapter = (finished_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert train_main(tiny_run_args(tiny_model_dir, finished_run, *changed)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: output_dir: '{finished_run}' holds a run made with a "
+                                               "different config (gate.k: 8 -> 2, gate.mode: 'threshold' -> 'topk')")
+    assert "its training output would be deleted" in err[0] and "--overwrite" in err[0]
+    assert (finished_run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    # ... and redone with --overwrite.
+    assert train_main([*tiny_run_args(tiny_model_dir, finished_run, *changed), "--overwrite"]) == 0
     lines = _stage_lines(capsys.readouterr().out)
     assert all("skipped" in lines[s] for s in ("problems", "rollouts", "scoring", "selection"))
     assert "skipped" not in lines["training"]
@@ -107,7 +116,7 @@ def test_training_logs_fork_metrics_to_wandb_offline(finished_run, tiny_model_di
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert train_main(tiny_run_args(tiny_model_dir, finished_run, "--loss.kl_coef", "0.5", "--tracking.report_to", "wandb",
-                            "--tracking.project", "rm-test")) == 0
+                            "--tracking.project", "rm-test", "--overwrite")) == 0
     runs = sorted((finished_run / "wandb").glob("offline-run-*"))
     assert runs
     # Offline runs keep their records in a binary log (protobuf: keys are stored verbatim).

@@ -39,6 +39,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser("train.py", "Run the ReasonMaxxer offline recipe: problems -> rollouts -> scoring -> "
                      "selection -> training.")
     parser.add_argument("--stage", help="run only this stage (its inputs must exist)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo the stages of output_dir that were made with other settings (deletes their outputs)")
     parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
     args, overrides = parser.parse_known_args(argv)
     _setup_logging()
@@ -73,7 +75,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             return 0
         from .pipeline import Pipeline, summary_table
 
-        results = Pipeline(cfg, progress=not args.no_progress).run(only=args.stage)
+        results = Pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite).run(only=args.stage)
     except UserError as err:
         return _fail(err)
     except KeyboardInterrupt:

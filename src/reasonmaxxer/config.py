@@ -75,8 +75,12 @@ class RolloutConfig:
     top_p: float = _help("Nucleus sampling (paper: 0.95).", default=0.95)
     max_new_tokens: int = _help("Longest completion, in tokens.", default=128)
     batch_size: int = _help("Sequences per generate call.", default=32)
-    backend: Literal["fast", "hf"] = _help(
-        "fast: KV-cache loop that drops finished sequences; hf: one model.generate call per batch.", default="fast"
+    backend: Literal["fast", "hf", "vllm"] = _help(
+        "fast: KV-cache loop that drops finished sequences; hf: one model.generate call per batch; "
+        "vllm: a vLLM engine (the `vllm` extra, CUDA; eval samples with fast).", default="fast"
+    )
+    vllm_gpu_memory_utilization: float = _help(
+        "With backend vllm: the share of GPU memory vLLM may take for weights and KV cache.", default=0.5
     )
 
 
@@ -355,6 +359,8 @@ def _check_ranges(cfg: Config) -> None:
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", cfg.rollout.top_p, "must be in (0, 1]")
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", cfg.rollout.max_new_tokens, "must be >= 1")
     need(cfg.rollout.batch_size >= 1, "rollout.batch_size", cfg.rollout.batch_size, "must be >= 1")
+    u = cfg.rollout.vllm_gpu_memory_utilization
+    need(0 < u <= 1, "rollout.vllm_gpu_memory_utilization", u, "must be in (0, 1]")
     need(cfg.scoring.top_k >= 0, "scoring.top_k", cfg.scoring.top_k, "must be >= 0")
     need(cfg.scoring.batch_size >= 1, "scoring.batch_size", cfg.scoring.batch_size, "must be >= 1")
     need(cfg.scoring.chunk_size >= 1, "scoring.chunk_size", cfg.scoring.chunk_size, "must be >= 1")

@@ -95,8 +95,12 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
     Base samples go to ``base_out`` (default ``out``): a sweep shares them between points.
     """
     k = cfg.eval.num_samples
-    sampled_cfg = dataclasses.replace(cfg.rollout, num_samples=k)
-    greedy_cfg = dataclasses.replace(cfg.rollout, num_samples=1, batch_size=max(cfg.rollout.batch_size, 1))
+    # The adapter is sampled through PEFT in this process, so eval uses the fast backend
+    # where training rollouts came from vLLM.
+    backend = "fast" if cfg.rollout.backend == "vllm" else cfg.rollout.backend
+    sampled_cfg = dataclasses.replace(cfg.rollout, num_samples=k, backend=backend)
+    greedy_cfg = dataclasses.replace(cfg.rollout, num_samples=1, batch_size=max(cfg.rollout.batch_size, 1),
+                                     backend=backend)
     seed = cfg.seed + 7919  # not the training rollouts' seed
     shared = {"base": base_path, "rollout": dataclasses.asdict(cfg.rollout), "eval": dataclasses.asdict(cfg.eval),
               "data": dataclasses.asdict(cfg.data), "problems": [p.id for p in problems], "seed": cfg.seed}

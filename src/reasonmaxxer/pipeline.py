@@ -3,8 +3,8 @@
 Each stage writes under the run folder and records ``stages/<name>.json`` with the
 fingerprint of everything its output depends on (its settings and its inputs'
 fingerprints). A rerun skips a stage whose fingerprint is unchanged and resumes one
-that was interrupted; a stage whose settings changed starts over (and so does all that
-follows it).
+that was interrupted. A folder whose stages were made with other settings is refused;
+with ``overwrite`` those stages start over (and so does all that follows them).
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def _fmt(v: Any) -> str:
 class Pipeline:
     """One run of the recipe, rooted at ``cfg.output_dir``."""
 
-    def __init__(self, cfg: Config, *, progress: bool = True):
+    def __init__(self, cfg: Config, *, progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.progress = progress
+        self.overwrite = overwrite  # redo stages whose settings changed instead of refusing
         self._model = None
         self._tokenizer = None
         self.tracker: Tracker | None = None
@@ -74,8 +75,9 @@ class Pipeline:
         c = self.cfg.to_dict()
         fp: dict[str, str] = {}
         fp["problems"] = fingerprint({"data": c["data"], "seed": c["seed"]})
+        rollout = {k: v for k, v in c["rollout"].items() if k != "vllm_gpu_memory_utilization"}  # same samples
         fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
-                                      "rollout": c["rollout"], "seed": c["seed"]})
+                                      "rollout": rollout, "seed": c["seed"]})
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
                                      "temperature": self.entropy_temperature})
         fp["selection"] = fingerprint({"up": fp["rollouts"], "selection": c["selection"]})
@@ -111,11 +113,16 @@ class Pipeline:
             from .modeling import check_model_source
 
             check_model_source(self.cfg.model.name_or_path)
+        if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm":
+            from .vllm_backend import require_vllm
+
+            require_vllm()
+        fps = self.fingerprints()
+        self._refuse_other_config(fps, [s for s in stages if only is None or s == only])
         dist.init()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_main():
             atomic_write_text(self.path("config.yaml"), yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False))
-        fps = self.fingerprints()
         # One W&B run per job: only the main process logs.
         self.tracker = tracker if tracker is not None else Tracker(self.cfg, self.run_dir, enabled=dist.is_main())
         results = []
@@ -130,6 +137,23 @@ class Pipeline:
             if tracker is None:
                 self.tracker.finish()
         return results
+
+    def _refuse_other_config(self, fps: dict[str, str], stages: Sequence[str]) -> None:
+        """Stop before any work when the folder holds stages made with other settings.
+
+        Redoing them would delete their outputs (hours of rollouts, a trained adapter),
+        so that takes ``--overwrite``.
+        """
+        changed = [s for s in stages if (st := self.state(s)) is not None and st.get("fingerprint") != fps[s]]
+        if not changed or self.overwrite:
+            return
+        saved = self.path("config.yaml")
+        diff = _config_diff(yaml.safe_load(saved.read_text()) if saved.exists() else {}, redact(self.cfg.to_dict()))
+        raise ConfigError(
+            f"output_dir: '{self.run_dir}' holds a run made with a different config ({diff}); its "
+            f"{', '.join(changed)} output would be deleted and redone. Use another output_dir, or pass "
+            f"--overwrite to redo it"
+        )
 
     def _require_upstream(self, stage: str, fps: dict[str, str]) -> None:
         needs = {"rollouts": ["problems"], "scoring": ["rollouts"], "selection": ["rollouts"],
@@ -191,7 +215,20 @@ class Pipeline:
     def stage_rollouts(self) -> dict[str, Any]:
         from .rollouts import run_rollouts
 
-        model, tokenizer = self.model_and_tokenizer()
+        if self.cfg.rollout.backend == "vllm":
+            if dist.world_size() > 1:
+                raise ConfigError("rollout.backend: vllm uses the GPUs of one process; run `--stage rollouts` "
+                                  "with `python train.py`, then the other stages with torchrun")
+            from .modeling import load_tokenizer, resolve_model_path
+            from .vllm_backend import VllmSampler
+
+            m = self.cfg.model
+            path = resolve_model_path(m.name_or_path)
+            model = VllmSampler(path, dtype=m.dtype, seed=self.cfg.seed, trust_remote_code=m.trust_remote_code,
+                                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization)
+            tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        else:
+            model, tokenizer = self.model_and_tokenizer()
         return run_rollouts(model, tokenizer, self.problems("train"), self.cfg.data, self.cfg.rollout,
                             self.path("rollouts.jsonl"), seed=self.cfg.seed, progress=self.progress)
 
@@ -264,6 +301,21 @@ def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:
     if d.num_heldout == 0:
         return rows[: d.num_train], []
     return P.split_heldout(rows, heldout=min(d.num_heldout, len(rows) - 1), seed=cfg.seed)
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], *, show: int = 3) -> str:
+    """``a.b: old -> new`` for the first ``show`` keys whose values differ."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, value in d.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(old), flat(new)
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if not keys:
+        return "settings that are not in its config.yaml"
+    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:show])
+    return shown + (f" and {len(keys) - show} more" if len(keys) > show else "")
 
 
 def summary_table(results: list[StageResult]) -> str:

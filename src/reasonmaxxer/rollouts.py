@@ -166,12 +166,15 @@ def generate_batch(
     seed: int,
     do_sample: bool = True,
 ) -> list[list[tuple[list[int], str]]]:
-    """cfg.num_samples completions for each prompt: ``fast_generate`` or one ``model.generate`` call.
+    """cfg.num_samples completions for each prompt: ``fast_generate``, one ``model.generate`` call,
+    or a :class:`~reasonmaxxer.vllm_backend.VllmSampler` in place of the model.
 
     With ``do_sample=False`` the completion is greedy (cfg.num_samples must then be 1).
 
     Returns, per prompt, a list of (completion_ids, finish_reason).
     """
+    if cfg.backend == "vllm":
+        return model.generate(prompts, cfg, eos_ids, seed=seed, do_sample=do_sample)  # a VllmSampler
     if cfg.backend == "fast":
         return fast_generate(model, prompts, cfg, eos_ids, tokenizer.pad_token_id, seed=seed, do_sample=do_sample)
     device = next(model.parameters()).device

@@ -1,0 +1,73 @@
+"""Rollouts with vLLM (``rollout.backend: vllm``, the optional ``vllm`` extra, CUDA only).
+
+vLLM samples the same distribution as the other backends (temperature, nucleus, the
+same stop tokens) but not the same tokens for a given seed, so a run's rollouts depend
+on the backend; the stage fingerprint includes it. vLLM keeps most of the GPU for its
+KV cache: run the rollouts stage alone (``--stage rollouts``) and the rest after, so
+scoring and training get the memory back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from .config import RolloutConfig
+from .errors import ConfigError
+
+INSTALL_HINT = "pip install 'reasonmaxxer[vllm]' on a CUDA machine, or use rollout.backend: fast"
+
+
+def require_vllm() -> None:
+    """Fail with one line naming the key when vLLM is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"rollout.backend: 'vllm' needs the vllm package, which is not installed; {INSTALL_HINT}")
+
+
+def completions_from_outputs(outputs: list[Any], eos_ids: set[int]) -> list[list[tuple[list[int], str]]]:
+    """vLLM ``RequestOutput``s -> per prompt, (completion_ids ending in its EOS if any, finish reason).
+
+    vLLM may leave the stop token out of ``token_ids`` when it stopped on one of
+    ``stop_token_ids``; the training loss needs it (the model learns to stop), so it
+    is put back from ``stop_reason``.
+    """
+    from .rollouts import cut_at_eos
+
+    result = []
+    for request in outputs:
+        samples = []
+        for out in sorted(request.outputs, key=lambda o: o.index):
+            tokens = [int(t) for t in out.token_ids]
+            if out.finish_reason == "stop" and not (tokens and tokens[-1] in eos_ids):
+                stop = out.stop_reason if isinstance(out.stop_reason, int) else min(eos_ids)
+                tokens.append(stop)
+            samples.append(cut_at_eos(tokens, eos_ids))
+        result.append(samples)
+    return result
+
+
+class VllmSampler:
+    """A vLLM engine on ``model_path`` that stands in for the model in ``run_rollouts``."""
+
+    def __init__(self, model_path: str, *, dtype: str, seed: int, gpu_memory_utilization: float,
+                 trust_remote_code: bool = False):
+        require_vllm()
+        from transformers import GenerationConfig
+        from vllm import LLM
+
+        self.generation_config = GenerationConfig.from_pretrained(model_path)  # for the EOS ids
+        self.engine = LLM(model=model_path, dtype="auto" if dtype == "auto" else dtype, seed=seed,
+                          gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                          enable_prefix_caching=True)  # the samples of a prompt share its prefill
+
+    def generate(self, prompts: list[list[int]], cfg: RolloutConfig, eos_ids: set[int], *, seed: int,
+                 do_sample: bool = True) -> list[list[tuple[list[int], str]]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=cfg.num_samples, seed=seed, max_tokens=cfg.max_new_tokens, stop_token_ids=sorted(eos_ids),
+            temperature=cfg.temperature if do_sample else 0.0, top_p=cfg.top_p if do_sample else 1.0,
+            top_k=-1 if do_sample else 1, detokenize=False,
+        )
+        outputs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return completions_from_outputs(outputs, eos_ids)
