@@ -166,3 +166,21 @@ def test_bad_model_stops_before_any_work(tmp_path, capsys, model, message):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1
     assert not run.exists()
+
+
+@pytest.mark.slow
+def test_diverging_training_stops_with_one_line_and_saves_no_adapter(tiny_model_dir, tmp_path, capsys):
+    from reasonmaxxer.testing import give_mixed_rewards
+
+    run = tmp_path / "diverge"
+    for stage in ("problems", "rollouts"):
+        assert train_main(tiny_run_args(tiny_model_dir, run, "--stage", stage)) == 0
+    give_mixed_rewards(run / "rollouts.jsonl")
+    capsys.readouterr()
+    code = train_main(tiny_run_args(tiny_model_dir, run, "--training.learning_rate", "1e38"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # not progress bars
+    assert code == 3
+    assert len(err) == 1 and err[0].startswith("error: training: ") and "no adapter was saved" in err[0]
+    assert "Traceback" not in err[0]
+    assert not (run / "adapter").exists()
+    assert not json.loads((run / "stages" / "training.json").read_text())["done"]

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasonmaxxer.config import load_config
+from reasonmaxxer.errors import TrainingDivergedError
 from reasonmaxxer.scoring import score_batch
 from reasonmaxxer.sequences import pack_batch
 from reasonmaxxer.trainer import build_trainer, last_complete_checkpoint
@@ -202,3 +203,49 @@ def test_last_complete_checkpoint_none_when_all_torn(tmp_path):
     _checkpoint(folder, 4, state=False)
     assert last_complete_checkpoint(folder) is None
     assert not (folder / "checkpoint-4").exists()
+
+
+def test_nonfinite_loss_is_skipped_with_zero_gradient_then_stops(tiny_model_dir, tmp_path, caplog):
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--loss.max_nonfinite_in_a_row", "2",
+                                                             "--gate.mode", "all"])
+    trainer.model.train()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    bad = dict(batch)
+    bad["advantages"] = batch["advantages"].clone()
+    bad["advantages"][0] = 3e38  # times a log-prob of a few nats: the fork term is inf in float32
+    for in_a_row in (1, 2):
+        loss = trainer.compute_loss(trainer.model, dict(bad))
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in params)
+        assert f"({in_a_row} in a row, at most 2)" in caplog.text
+    assert trainer._metrics["train"]["nonfinite_skipped"] == [1.0, 1.0]
+    # A finite batch resets the count ...
+    assert torch.isfinite(trainer.compute_loss(trainer.model, dict(batch)))
+    assert trainer._metrics["train"]["nonfinite_skipped"][-1] == 0.0
+    for _ in range(2):
+        trainer.compute_loss(trainer.model, dict(bad))
+    # ... and the third NaN in a row stops the run, with one line that says what to change.
+    with pytest.raises(TrainingDivergedError, match=r"^training: the loss was inf .* in 3 micro-batch\(es\) in a row"):
+        trainer.compute_loss(trainer.model, dict(bad))
+
+
+def test_nonfinite_adapter_weight_stops_before_a_checkpoint(tiny_model_dir, tmp_path):
+    trainer, _, _ = _trainer(tiny_model_dir, tmp_path, [])
+    with torch.no_grad():
+        name, param = next((n, p) for n, p in trainer.model.named_parameters() if "lora_A" in n)
+        param[0, 0] = float("inf")
+    with pytest.raises(TrainingDivergedError, match=r"adapter weight tensor\(s\) became NaN/inf at step 1"):
+        trainer.train()
+    assert not any((tmp_path / "ckpt").glob("checkpoint-*"))
+
+
+def test_nan_loss_from_a_nan_weight_gives_a_zero_finite_gradient(tiny_model_dir, tmp_path):
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, [])
+    trainer.model.train()
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)[0, 0] = float("nan")
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in trainer.model.parameters() if p.requires_grad)

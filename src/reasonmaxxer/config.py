@@ -150,6 +150,10 @@ class LossConfig:
         default=0.05,
     )
     hinge_margin: float = _help("Margin in nats of the hinge variant.", default=1.0)
+    max_nonfinite_in_a_row: int = _help(
+        "Micro-batches in a row whose loss is NaN/inf that are skipped (zero gradient, logged) before the run "
+        "stops; 0 stops at the first.", default=3,
+    )
 
 
 @dataclass
@@ -354,6 +358,8 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.loss.kl_coef >= 0, "loss.kl_coef", cfg.loss.kl_coef, "must be >= 0")
     need(0 <= cfg.loss.neg_prob_floor < 1, "loss.neg_prob_floor", cfg.loss.neg_prob_floor, "must be in [0, 1)")
     need(cfg.loss.hinge_margin >= 0, "loss.hinge_margin", cfg.loss.hinge_margin, "must be >= 0")
+    need(cfg.loss.max_nonfinite_in_a_row >= 0, "loss.max_nonfinite_in_a_row", cfg.loss.max_nonfinite_in_a_row,
+         "must be >= 0")
     need(cfg.rollout.num_samples >= 2, "rollout.num_samples", cfg.rollout.num_samples, "must be >= 2 (advantages need a group)")
     need(cfg.rollout.temperature > 0, "rollout.temperature", cfg.rollout.temperature, "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", cfg.rollout.top_p, "must be in (0, 1]")

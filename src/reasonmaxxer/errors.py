@@ -18,3 +18,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A bad dataset, file or row, or data that leaves nothing to train on."""
+
+
+class TrainingDivergedError(UserError):
+    """The loss or the adapter stopped being finite; the last good checkpoint is kept."""
+
+    exit_code = 3

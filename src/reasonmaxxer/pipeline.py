@@ -275,7 +275,7 @@ class Pipeline:
             self.cfg, model, tokenizer, self.rollouts(), read_jsonl_resumable(self.path("selection.jsonl")),
             load_scores(self.path("scores")), self.path("checkpoints"),
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
-            entropy_temperature=self.entropy_temperature,
+            entropy_temperature=self.entropy_temperature, progress=self.progress,
         )
         return train_adapter(trainer, self.run_dir)
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import datasets
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .config import Config, GateConfig, LossConfig
 from .entropy import gate_mask, token_entropy
+from .errors import TrainingDivergedError
 from .loss import exact_kl, fork_gated_loss, policy_logprobs, topk_kl
 from .sequences import pack_batch, pad_ragged
 from .storage import atomic_write_json
@@ -114,6 +116,28 @@ class ForkGatedTrainer(SFTTrainer):
         seed = hash((self.args.seed, self.accelerator.process_index, step, self._gate_micro)) % (2**63)
         return torch.Generator().manual_seed(seed)
 
+    def _skip_nonfinite(self, model: Any, loss: torch.Tensor, stats: dict[str, Any], mode: str) -> torch.Tensor:
+        """A NaN/inf loss: this micro-batch contributes a zero gradient, and it is logged.
+
+        Too many in a row means training diverged: stop before the optimizer or a
+        checkpoint sees a bad adapter.
+        """
+        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        step, limit = self.state.global_step, self.loss_cfg.max_nonfinite_in_a_row
+        terms = ", ".join(f"{k} {stats[k]:.4g}" for k in ("fork_term", "kl_term") if k in stats)
+        if self._nonfinite_in_a_row > limit:
+            raise TrainingDivergedError(
+                f"training: the loss was {loss.item()} ({terms}) in {self._nonfinite_in_a_row} micro-batch(es) in a "
+                f"row at step {step} (loss.max_nonfinite_in_a_row: {limit}); no adapter was saved and the last "
+                f"checkpoint is kept. Lower training.learning_rate, raise loss.neg_prob_floor, or train in float32"
+            )
+        logger.warning("step %d: the loss is %s (%s); this micro-batch is skipped (%d in a row, at most %d)",
+                       step, loss.item(), terms, self._nonfinite_in_a_row, limit)
+        self._metrics[mode]["nonfinite_skipped"].append(1.0)
+        # Zero, but through every trainable weight, so backward (and DDP's all-reduce) runs as usual.
+        # nan_to_num: a weight that is itself NaN still gives 0 (FiniteAdapterCheck reports it).
+        return sum((p * 0.0).nan_to_num(0.0).sum() for p in model.parameters() if p.requires_grad)
+
     def _policy_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return completion_logits(model, inputs)
 
@@ -147,7 +171,9 @@ class ForkGatedTrainer(SFTTrainer):
             neg_prob_floor=self.loss_cfg.neg_prob_floor, hinge_margin=self.loss_cfg.hinge_margin,
         )
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.global_step}: {stats}")
+            return self._skip_nonfinite(model, loss, stats, mode)
+        self._nonfinite_in_a_row = 0
+        stats["nonfinite_skipped"] = 0.0
         with torch.no_grad():
             valid = completion_mask.bool()
             nonforks = valid & ~forks
@@ -158,6 +184,25 @@ class ForkGatedTrainer(SFTTrainer):
         for key, value in stats.items():
             self._metrics[mode][key].append(float(value))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class FiniteAdapterCheck(TrainerCallback):
+    """Stop the run when an optimizer step left a NaN/inf in the adapter.
+
+    Runs before the step's checkpoint is written, so no checkpoint or saved adapter ever
+    holds a non-finite weight. Checking the LoRA weights costs one pass over a few MB.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            grad_norm = next((h["grad_norm"] for h in reversed(state.log_history) if "grad_norm" in h), None)
+            raise TrainingDivergedError(
+                f"training: {len(bad)} adapter weight tensor(s) became NaN/inf at step {state.global_step} "
+                f"(first: {bad[0]}; last logged grad_norm {grad_norm}); no adapter was saved and the last "
+                f"checkpoint is kept. Lower training.learning_rate, set training.max_grad_norm, or train in float32"
+            )
+        return control
 
 
 def _checkpoint_is_complete(path: Path) -> bool:
@@ -202,6 +247,7 @@ def build_trainer(
     *,
     report_to: str = "none",
     entropy_temperature: float,
+    progress: bool = True,
 ) -> ForkGatedTrainer:
     """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``."""
     from peft import LoraConfig
@@ -215,7 +261,7 @@ def build_trainer(
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
-        **{"ddp_find_unused_parameters": False, **cfg.training},
+        **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **cfg.training},
     )
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
@@ -225,6 +271,7 @@ def build_trainer(
         data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
         processing_class=tokenizer, peft_config=lora,
         gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
+        callbacks=[FiniteAdapterCheck()],
     )
 
 
