@@ -62,3 +62,21 @@ def test_no_credentials_falls_back_to_offline_with_one_warning(tmp_path, monkeyp
     finally:
         tracker.finish()
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline run folder missing"
+
+
+@pytest.mark.slow
+def test_no_credential_lands_in_any_file_of_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    from reasonmaxxer.cli import train_main
+    from reasonmaxxer.testing import tiny_run_args
+
+    secret = "wk-3f9c1e7d0b2a4c6e8f1a3b5c7d9e0f2a4b6c8d0e"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    args = tiny_run_args(tiny_model_dir, run, "--tracking.report_to", "wandb", "--tracking.api_key", secret)
+    assert train_main(args) == 2  # tracking.api_key is not a key: secrets go in the environment
+    assert train_main(tiny_run_args(tiny_model_dir, run, "--tracking.report_to", "wandb", "--stage", "problems")) == 0
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.suffix == ".wandb" for p in files)
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
