@@ -38,7 +38,7 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from reasonmaxxer.entropy import fork_mask
-    from reasonmaxxer.loss import exact_kl, fork_gated_loss, gather_logprobs, topk_kl
+    from reasonmaxxer.loss import fork_gated_loss, policy_logprobs, policy_logprobs_and_kl, topk_kl
     from reasonmaxxer.scoring import score_batch
     from reasonmaxxer.sequences import pack_batch
     from reasonmaxxer.testing import build_tiny_model_dir
@@ -73,14 +73,14 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     elif phase in ("cached", "exact"):
         logits = policy_logits()
         cached = phase == "cached"
-        policy_logp, policy_topk = gather_logprobs(logits, batch["completion_ids"],
-                                                   stats["topk_ids"] if cached else None)
-        if cached:
+        if cached:  # as ForkGatedTrainer.compute_loss does
+            policy_logp, policy_topk, _ = policy_logprobs(logits, batch["completion_ids"], stats["topk_ids"])
             kl = topk_kl(stats["topk_logp"], policy_topk)
         else:
             with torch.no_grad(), model.disable_adapter():
                 base_logits = policy_logits()
-            kl = exact_kl(base_logits, logits)
+            policy_logp, _, _, kl = policy_logprobs_and_kl(logits, batch["completion_ids"], base_logits)
+            del base_logits
         forks = fork_mask(stats["entropy"], batch["completion_mask"], mode="quantile", quantile=0.2)
         loss, _ = fork_gated_loss(policy_logp, stats["logp"], torch.tensor([1.0]), forks, batch["completion_mask"],
                                   kl, kl_coef=0.2)

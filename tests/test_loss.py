@@ -643,8 +643,8 @@ def test_sgd_step_direction_and_nonfork_untouched():
 # ----------------------------------------------------------------------------- fused log-probs
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
-def test_policy_logprobs_values_and_gradients_match_autograd(chunk_size):
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+def test_policy_logprobs_values_and_gradients_match_autograd(chunk_rows):
     from reasonmaxxer.loss import policy_logprobs
 
     torch.manual_seed(0)
@@ -653,7 +653,7 @@ def test_policy_logprobs_values_and_gradients_match_autograd(chunk_size):
     topk = torch.randint(0, 11, (2, 5, 4))
     g_logp, g_topk, g_lse = torch.randn(2, 5), torch.randn(2, 5, 4), torch.randn(2, 5)
 
-    logp, topk_logp, lse = policy_logprobs(logits, target, topk, chunk_size=chunk_size)
+    logp, topk_logp, lse = policy_logprobs(logits, target, topk, chunk_rows=chunk_rows)
     (logp * g_logp).sum().add((topk_logp * g_topk).sum()).add((lse * g_lse).sum()).backward()
     fused_grad = logits.grad.clone()
 
@@ -702,3 +702,57 @@ def test_inf_and_nan_outside_the_completion_do_not_leak():
                                    dirty_kl, kl_coef=0.3)
     assert torch.isfinite(dirty) and dirty.item() == pytest.approx(clean.item())
     assert all(v == v for v in stats.values())  # no NaN statistic
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_kl_matches_exact_kl_and_torch_distributions(chunk_rows, dtype):
+    """Values and gradients of the one-pass KL against the plain exact_kl under autograd."""
+    from reasonmaxxer.loss import policy_logprobs_and_kl
+
+    torch.manual_seed(1)
+    B, T, V = 3, 4, 13
+    base = torch.randn(B, T, V, dtype=dtype) * 2
+    base[0, 0, :5] = float("-inf")  # tokens the base rules out
+    policy = (torch.randn(B, T, V, dtype=dtype) * 2)
+    policy[0, 0, :3] = float("-inf")  # and the policy too, only where the base has no mass
+    policy.requires_grad_()
+    target = torch.randint(5, V, (B, T))
+    topk = torch.randint(5, V, (B, T, 2))
+    g_logp, g_topk, g_lse, g_kl = (torch.randn(B, T), torch.randn(B, T, 2), torch.randn(B, T), torch.randn(B, T))
+
+    logp, topk_logp, lse, kl = policy_logprobs_and_kl(policy, target, base, topk, chunk_rows=chunk_rows)
+    ((logp * g_logp).sum() + (topk_logp * g_topk).sum() + (lse * g_lse).sum() + (kl * g_kl).sum()).backward()
+    fused_grad = policy.grad.clone()
+
+    ref = policy.detach().double().clone().requires_grad_()
+    ref_logp = torch.log_softmax(ref, -1)
+    ref_kl = exact_kl(base.double(), ref)
+    ((ref_logp.gather(-1, target[..., None])[..., 0] * g_logp).sum() + (ref_logp.gather(-1, topk) * g_topk).sum()
+     + (torch.logsumexp(ref, -1) * g_lse).sum() + (ref_kl * g_kl).sum()).backward()
+
+    # Both compute in fp32 (the logits are upcast chunk by chunk; exact_kl upcasts too).
+    torch.testing.assert_close(kl.double(), ref_kl.detach().double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(kl).all() and torch.isfinite(fused_grad).all()
+    # An independent value: torch.distributions at a position without -inf.
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=base[2, 3].double()),
+                                             torch.distributions.Categorical(logits=policy[2, 3].detach().double()))
+    assert kl[2, 3].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_fused_kl_bf16_logits_and_no_grad_to_the_base():
+    from reasonmaxxer.loss import policy_logprobs_and_kl
+
+    torch.manual_seed(2)
+    base = (torch.randn(2, 3, 17) * 2).bfloat16().requires_grad_()
+    policy = (torch.randn(2, 3, 17) * 2).bfloat16().requires_grad_()
+    target = torch.randint(0, 17, (2, 3))
+    _, _, _, kl = policy_logprobs_and_kl(policy, target, base)
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl, exact_kl(base.detach(), policy.detach()), atol=1e-4, rtol=1e-4)
+    kl.sum().backward()
+    assert base.grad is None and policy.grad is not None and policy.grad.dtype == torch.bfloat16
+    p_pol = torch.softmax(policy.detach().float(), -1)
+    p_base = torch.softmax(base.detach().float(), -1)
+    torch.testing.assert_close(policy.grad.float(), p_pol - p_base, atol=1e-2, rtol=0)

@@ -35,59 +35,116 @@ def gather_logprobs(
 
 
 def policy_logprobs(
-    logits: torch.Tensor, target_ids: torch.Tensor, topk_ids: torch.Tensor | None = None, *, chunk_size: int = 256
+    logits: torch.Tensor, target_ids: torch.Tensor, topk_ids: torch.Tensor | None = None,
+    *, chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """:func:`gather_logprobs` plus the logsumexp (B, T), for :func:`exact_kl` to reuse.
+    """:func:`gather_logprobs` plus the logsumexp (B, T).
 
     Fused: the forward keeps no (B, T, V) intermediate (the logsumexp runs over chunks of
-    ``chunk_size`` positions in fp32) and the backward writes the whole gradient into one
-    (B, T, V) tensor, as a fused cross-entropy does.
+    positions in fp32) and the backward writes the whole gradient into one (B, T, V)
+    tensor, as a fused cross-entropy does.
     """
+    logp, topk_logp, lse, _ = _fused(logits, target_ids, topk_ids, None, chunk_rows)
+    return logp, topk_logp, lse
+
+
+def policy_logprobs_and_kl(
+    logits: torch.Tensor, target_ids: torch.Tensor, base_logits: torch.Tensor,
+    topk_ids: torch.Tensor | None = None, *, chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`policy_logprobs` and the full-vocabulary KL(base || policy) (B, T) in one pass.
+
+    The same value as :func:`exact_kl`, but the base softmax lives one chunk of positions
+    at a time (it is recomputed from ``base_logits`` in the backward) and the KL gradient,
+    ``softmax(z) - p_base``, is added into the same (B, T, V) gradient tensor: no other
+    (B, T, V) tensor is allocated. ``base_logits`` takes no gradient.
+    """
+    return _fused(logits, target_ids, topk_ids, base_logits.detach(), chunk_rows)
+
+
+def _fused(logits, target_ids, topk_ids, base_logits, chunk_rows):
     ids = target_ids.unsqueeze(-1)
     if topk_ids is not None:
         ids = torch.cat([ids, topk_ids.long()], dim=-1)
-    picked, lse = _TokenLogprobs.apply(logits, ids, chunk_size)  # (B, T, 1 + K), (B, T)
-    return picked[..., 0], (picked[..., 1:] if topk_ids is not None else None), lse
+    B, T, V = logits.shape
+    if chunk_rows is None:
+        # ~16 MB of fp32 per chunk temporary: small enough for the allocator to reuse one
+        # block chunk after chunk instead of mapping fresh pages for each.
+        chunk_rows = max(1, (1 << 22) // V)
+    picked, lse, kl = _TokenLogprobs.apply(logits, ids, base_logits, chunk_rows)
+    kl = kl if base_logits is not None else None
+    return picked[..., 0], (picked[..., 1:] if topk_ids is not None else None), lse, kl
+
+
+def _base_chunk(base: torch.Tensor, base_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_base, p_base > 0) of a chunk of rows (N, V)."""
+    p = torch.exp(base.float() - base_lse.unsqueeze(-1))
+    return p, p > 0
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """(logits, ids) -> (logits[ids] - logsumexp(logits), logsumexp(logits)), memory-lean.
+    """(logits, ids[, base]) -> (logits[ids] - lse, lse, KL(base || softmax(logits))), memory-lean.
 
-    d picked_j / dz = onehot(id_j) - softmax(z) and d lse / dz = softmax(z), so
-    dz = softmax(z) * (g_lse - sum_j g_j) + sum_j g_j onehot(id_j).
+    With z the logits: d picked_j / dz = onehot(id_j) - softmax(z), d lse / dz = softmax(z)
+    and d KL / dz = softmax(z) - p_base, so
+    dz = softmax(z) * (g_lse + g_kl - sum_j g_j) + sum_j g_j onehot(id_j) - g_kl p_base.
+    Everything runs over chunks of flattened (B*T) rows.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
-        B, T, _ = logits.shape
-        lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)
-        for s in range(0, T, chunk_size):
-            lse[:, s : s + chunk_size] = torch.logsumexp(logits[:, s : s + chunk_size].float(), dim=-1)
+    def forward(ctx: Any, logits: torch.Tensor, ids: torch.Tensor, base: torch.Tensor | None,
+                chunk_rows: int) -> tuple[torch.Tensor, ...]:
+        B, T, V = logits.shape
+        z, N = logits.reshape(-1, V), B * T
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        kl = torch.zeros(N, dtype=torch.float32, device=logits.device)
+        base_flat = base.reshape(-1, V) if base is not None else None
+        base_lse = torch.empty(N, dtype=torch.float32, device=logits.device) if base is not None else None
+        for s in range(0, N, chunk_rows):
+            zc = z[s : s + chunk_rows].float()
+            lse[s : s + chunk_rows] = torch.logsumexp(zc, dim=-1)
+            if base_flat is not None:
+                bc = base_flat[s : s + chunk_rows].float()
+                base_lse[s : s + chunk_rows] = blse = torch.logsumexp(bc, dim=-1)
+                p, has_mass = _base_chunk(bc, blse)
+                # sum_v p (log p - z) + lse(z); where p = 0 the term is 0 even if z or log p is -inf.
+                term = torch.where(has_mass, p * (bc - blse.unsqueeze(-1) - zc), torch.zeros_like(p))
+                kl[s : s + chunk_rows] = term.sum(-1) + lse[s : s + chunk_rows]
+        lse = lse.view(B, T)
         picked = logits.gather(-1, ids).float() - lse.unsqueeze(-1)
-        ctx.save_for_backward(logits, ids, lse)
-        ctx.chunk_size = chunk_size
-        return picked, lse
+        ctx.save_for_backward(logits, ids, lse, base, base_lse)
+        ctx.chunk_rows = chunk_rows
+        if base is None:
+            ctx.mark_non_differentiable(kl)
+        return picked, lse, kl.view(B, T)
 
     @staticmethod
-    def backward(ctx: Any, g_picked: torch.Tensor | None, g_lse: torch.Tensor | None) -> tuple[Any, ...]:
-        logits, ids, lse = ctx.saved_tensors
-        B, T, _ = logits.shape
-        if g_picked is None:
-            g_picked = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
-        if g_lse is None:
-            g_lse = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
-        coef = (g_lse - g_picked.sum(-1)).unsqueeze(-1)  # (B, T, 1)
+    def backward(ctx: Any, g_picked: torch.Tensor | None, g_lse: torch.Tensor | None,
+                 g_kl: torch.Tensor | None) -> tuple[Any, ...]:
+        logits, ids, lse, base, base_lse = ctx.saved_tensors
+        B, T, V = logits.shape
+        N, c = B * T, ctx.chunk_rows
+        zeros = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+        g_picked = torch.zeros(ids.shape, dtype=torch.float32, device=logits.device) if g_picked is None else g_picked
+        g_lse = zeros if g_lse is None else g_lse
+        g_kl = zeros if g_kl is None or base is None else g_kl
+        coef = (g_lse + g_kl - g_picked.sum(-1)).reshape(N, 1)  # the softmax's weight per row
+        g_kl, lse = g_kl.reshape(N, 1), lse.reshape(N, 1)
+        z = logits.reshape(N, V)
         grad = torch.empty_like(logits)
-        c = ctx.chunk_size
-        for s in range(0, T, c):
-            shifted = lse[:, s : s + c].unsqueeze(-1)
-            if grad.dtype == torch.float32:  # write softmax * coef straight into the gradient
-                out = torch.sub(logits[:, s : s + c], shifted, out=grad[:, s : s + c])
-                out.exp_().mul_(coef[:, s : s + c])
+        g = grad.view(N, V)
+        for s in range(0, N, c):
+            rows = slice(s, s + c)
+            if g.dtype == torch.float32:  # write softmax * coef straight into the gradient
+                out = torch.sub(z[rows], lse[rows], out=g[rows])
+                out.exp_().mul_(coef[rows])
             else:
-                grad[:, s : s + c] = torch.exp(logits[:, s : s + c].float() - shifted).mul_(coef[:, s : s + c])
+                g[rows] = torch.exp(z[rows].float() - lse[rows]).mul_(coef[rows])
+            if base is not None:
+                p, _ = _base_chunk(base.reshape(N, V)[rows], base_lse[rows])
+                g[rows] -= (p * g_kl[rows]).to(g.dtype)
         grad.scatter_add_(-1, ids, g_picked.to(grad.dtype))
-        return grad, None, None
+        return grad, None, None, None
 
 
 def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor,

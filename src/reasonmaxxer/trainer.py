@@ -23,7 +23,7 @@ from trl import SFTTrainer
 from .config import Config, GateConfig, LossConfig
 from .entropy import gate_mask, token_entropy
 from .errors import TrainingDivergedError
-from .loss import exact_kl, fork_gated_loss, policy_logprobs, topk_kl
+from .loss import fork_gated_loss, policy_logprobs, policy_logprobs_and_kl, topk_kl
 from .sequences import pack_batch, pad_ragged
 from .storage import atomic_write_json
 
@@ -145,16 +145,13 @@ class ForkGatedTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
         logits = self._policy_logits(model, inputs)  # (B, C, V)
-        cached = self.loss_cfg.kl_anchor == "cached"
-        policy_logp, policy_topk_logp, lse = policy_logprobs(
-            logits, inputs["completion_ids"], inputs["topk_ids"] if cached else None
-        )
-        if cached:
+        if self.loss_cfg.kl_anchor == "cached":  # base top-k from scoring: no base forward
+            policy_logp, policy_topk_logp, _ = policy_logprobs(logits, inputs["completion_ids"], inputs["topk_ids"])
             kl = topk_kl(inputs["topk_logp"], policy_topk_logp)
-        else:
+        else:  # the same weights with the adapter off, and the KL fused into the log-prob pass
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
                 base_logits = self._policy_logits(model, inputs)
-            kl = exact_kl(base_logits, logits, policy_lse=lse)
+            policy_logp, _, _, kl = policy_logprobs_and_kl(logits, inputs["completion_ids"], base_logits)
             del base_logits
 
         if self.gate.entropy_source == "base":
