@@ -249,3 +249,17 @@ def test_nan_loss_from_a_nan_weight_gives_a_zero_finite_gradient(tiny_model_dir,
     assert loss.item() == 0.0
     loss.backward()
     assert all(torch.count_nonzero(p.grad) == 0 for p in trainer.model.parameters() if p.requires_grad)
+
+
+def test_batches_are_grouped_by_length(tiny_model_dir, tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer, _, _ = _trainer(tiny_model_dir, tmp_path, ["--training.per_device_train_batch_size", "2"])
+    ds = trainer.train_dataset
+    rollouts = trainer.data_collator.rollouts
+    assert ds["length"] == [len(rollouts[i]["prompt_ids"]) + len(rollouts[i]["completion_ids"])
+                            for i in ds["rollout_index"]]
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    padded = [b["input_ids"].numel() for b in trainer.get_train_dataloader()]
+    in_order = [max(ds["length"][i : i + 2]) * len(ds["length"][i : i + 2]) for i in range(0, len(ds), 2)]
+    assert sum(padded) <= sum(in_order)

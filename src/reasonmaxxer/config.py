@@ -198,6 +198,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,
     "save_steps": 20,
     "save_total_limit": 2,
+    # Batches of similar lengths (the dataset's `length` column): less padding per step.
+    "train_sampling_strategy": "group_by_length",
 }
 
 

@@ -31,11 +31,18 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
-def fork_dataset(selection: list[dict[str, Any]]) -> datasets.Dataset:
-    """One row per selected rollout: its index and advantage (tensors live in the collator)."""
-    return datasets.Dataset.from_list(
-        [{"rollout_index": int(r["rollout_index"]), "advantage": float(r["advantage"])} for r in selection]
-    )
+def fork_dataset(selection: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> datasets.Dataset:
+    """One row per selected rollout: its index, advantage and length (tensors live in the collator).
+
+    ``length`` (prompt + completion tokens) is what ``train_sampling_strategy:
+    group_by_length`` batches by, so a batch pads to a length near its rows' own.
+    """
+    rows = []
+    for r in selection:
+        i = int(r["rollout_index"])
+        length = len(rollouts[i]["prompt_ids"]) + len(rollouts[i]["completion_ids"])
+        rows.append({"rollout_index": i, "advantage": float(r["advantage"]), "length": length})
+    return datasets.Dataset.from_list(rows)
 
 
 class ForkCollator:
@@ -264,7 +271,7 @@ def build_trainer(
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     model.train()
     return ForkGatedTrainer(
-        model=model, args=args, train_dataset=fork_dataset(selection),
+        model=model, args=args, train_dataset=fork_dataset(selection, rollouts),
         data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
         processing_class=tokenizer, peft_config=lora,
         gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
