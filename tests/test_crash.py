@@ -62,6 +62,26 @@ def test_kill_during_rollouts_keeps_every_finished_batch(tiny_model_dir, tmp_pat
     assert sorted(_rows(killed / "rollouts.jsonl"), key=key) == sorted(_rows(clean / "rollouts.jsonl"), key=key)
 
 
+def test_kill_during_scoring_keeps_every_finished_shard(tiny_model_dir, tmp_path):
+    extra = ["--data.num_train", "40", "--rollout.max_new_tokens", "24", "--scoring.batch_size", "1", "--stage"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    for run in (clean, killed):
+        for stage in ("problems", "rollouts"):
+            _finish(tiny_run_args(tiny_model_dir, run, *extra, stage))
+    _finish(tiny_run_args(tiny_model_dir, clean, *extra, "scoring"))
+    proc = _train(tiny_run_args(tiny_model_dir, killed, *extra, "scoring"))
+    shards = killed / "scores"
+    _kill_when(proc, lambda: shards.is_dir() and len(list(shards.glob("shard-*.safetensors"))) >= 3)
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.safetensors")}
+    assert 3 <= len(kept) < 160  # killed mid-stage, one shard per rollout
+    _finish(tiny_run_args(tiny_model_dir, killed, *extra, "scoring"))
+    assert all((shards / name).stat().st_mtime_ns == t for name, t in kept.items())  # finished shards kept
+    names = sorted(p.name for p in (clean / "scores").iterdir())
+    assert sorted(p.name for p in shards.iterdir()) == names  # no temporary file left behind
+    for name in names:
+        assert (clean / "scores" / name).read_bytes() == (shards / name).read_bytes(), name
+
+
 def test_kill_during_training_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     extra = ["--training.max_steps", "6", "--training.save_steps", "2", "--training.per_device_train_batch_size", "2"]
     runs = {}

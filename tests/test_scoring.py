@@ -182,8 +182,11 @@ def test_score_rollouts_round_trip_and_resume(model, tmp_path: Path) -> None:
     victim = shards[1]
     n_victim = int(load_file(str(victim))["lengths"].numel())
     victim.unlink()
+    torn = out_dir / f".{victim.name}.tmp-99999"  # what a kill mid-write leaves
+    torn.write_bytes(b"\x00" * 10)
     time.sleep(0.02)
     summary = score_rollouts(model, rollouts, out_dir, **KW)
+    assert not torn.exists()
     assert summary["resumed_rollouts"] == len(rollouts) - n_victim
     assert victim.exists()
     after = {p.name: p.stat().st_mtime_ns for p in sorted(out_dir.glob("shard-*.safetensors"))}

@@ -108,6 +108,11 @@ def score_rollouts(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     # Each process scores every world_size-th batch into its own shard files.
     mine = dist.my_share(len(batches))
+    # A kill mid-write leaves a temporary file; each process removes those of its shards.
+    own = {_shard_path(out_dir, b).name for b in mine}
+    for stale in out_dir.glob(".shard-*.tmp-*"):
+        if stale.name[1:].split(".tmp-")[0] in own:
+            stale.unlink(missing_ok=True)
     bar = tqdm(total=sum(len(batches[b]) for b in mine), desc="scoring", unit="rollout",
                disable=not progress or not dist.is_main())
     resumed = 0
