@@ -198,8 +198,10 @@ class FiniteAdapterCheck(TrainerCallback):
     """
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:
+        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params])  # one device sync, not one per weight
+        if not bool(finite.all()):
+            bad = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
             grad_norm = next((h["grad_norm"] for h in reversed(state.log_history) if "grad_norm" in h), None)
             raise TrainingDivergedError(
                 f"training: {len(bad)} adapter weight tensor(s) became NaN/inf at step {state.global_step} "
