@@ -63,7 +63,8 @@ def test_kill_during_rollouts_keeps_every_finished_batch(tiny_model_dir, tmp_pat
 
 
 def test_kill_during_scoring_keeps_every_finished_shard(tiny_model_dir, tmp_path):
-    extra = ["--data.num_train", "40", "--rollout.max_new_tokens", "24", "--scoring.batch_size", "1", "--stage"]
+    # 320 one-rollout shards: slow enough that the kill lands mid-stage.
+    extra = ["--data.num_train", "80", "--rollout.max_new_tokens", "24", "--scoring.batch_size", "1", "--stage"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     for run in (clean, killed):
         for stage in ("problems", "rollouts"):
@@ -73,7 +74,7 @@ def test_kill_during_scoring_keeps_every_finished_shard(tiny_model_dir, tmp_path
     shards = killed / "scores"
     _kill_when(proc, lambda: shards.is_dir() and len(list(shards.glob("shard-*.safetensors"))) >= 3)
     kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.safetensors")}
-    assert 3 <= len(kept) < 160  # killed mid-stage, one shard per rollout
+    assert 3 <= len(kept) < 320  # killed mid-stage, one shard per rollout
     _finish(tiny_run_args(tiny_model_dir, killed, *extra, "scoring"))
     assert all((shards / name).stat().st_mtime_ns == t for name, t in kept.items())  # finished shards kept
     names = sorted(p.name for p in (clean / "scores").iterdir())
