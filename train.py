@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
 
-from reasonmaxxer.cli import main_train  # noqa: E402
+from reasonmaxxer.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    main_train()
+    sys.exit(train_main())

@@ -25,11 +25,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reasonmaxxer.config import config_from_dict  # noqa: E402
-from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
-from reasonmaxxer.scoring import load_scores  # noqa: E402
-from reasonmaxxer.storage import read_jsonl_resumable  # noqa: E402
-from reasonmaxxer.trainer import build_trainer  # noqa: E402
+from reasonmaxxer.config.loading import config_from_dict  # noqa: E402
+from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
+from reasonmaxxer.stages.scoring import load_scores  # noqa: E402
+from reasonmaxxer.stages.trainer import build_trainer  # noqa: E402
+from reasonmaxxer.utils.storage import read_jsonl_cut_torn_tail  # noqa: E402
 
 
 def losses(run: Path, floor: float, steps: int, batch: int, lr: float) -> list[float]:
@@ -41,14 +41,14 @@ def losses(run: Path, floor: float, steps: int, batch: int, lr: float) -> list[f
                          "logging_steps": 1, "save_strategy": "no", "lr_scheduler_type": "constant"})
     cfg.training.pop("save_steps", None)
     rng = random.Random(0)
-    fixed = [{**r, "advantage": rng.choice([-2.5, 2.5])} for r in read_jsonl_resumable(run / "selection.jsonl")]
+    fixed = [{**r, "advantage": rng.choice([-2.5, 2.5])} for r in read_jsonl_cut_torn_tail(run / "selection.jsonl")]
     # The same batch at every step (shuffling off), as in the runaway the paper's form shows.
     selection = fixed[:batch] * steps
     cfg.training["data_seed"] = 0
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model.name_or_path, dtype="float32")
     torch.manual_seed(0)
-    trainer = build_trainer(cfg, model, tokenizer, read_jsonl_resumable(run / "rollouts.jsonl"), selection,
+    trainer = build_trainer(cfg, model, tokenizer, read_jsonl_cut_torn_tail(run / "rollouts.jsonl"), selection,
                             load_scores(run / "scores"), Path(tempfile.mkdtemp()), entropy_temperature=0.6)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
     trainer.train()

@@ -20,13 +20,15 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reasonmaxxer.config import config_from_dict  # noqa: E402
-from reasonmaxxer.entropy import gate_mask  # noqa: E402
-from reasonmaxxer.loss import exact_kl, gather_logprobs, topk_kl  # noqa: E402
-from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
-from reasonmaxxer.scoring import completion_hidden, head_logits, load_scores  # noqa: E402
-from reasonmaxxer.sequences import pack_batch, pad_ragged  # noqa: E402
-from reasonmaxxer.storage import read_jsonl_resumable  # noqa: E402
+from reasonmaxxer.config.loading import config_from_dict  # noqa: E402
+from reasonmaxxer.core.gate import gate_mask  # noqa: E402
+from reasonmaxxer.core.kl import exact_kl, topk_kl  # noqa: E402
+from reasonmaxxer.core.logprobs import gather_logprobs
+from reasonmaxxer.models.forward import completion_hidden, head_logits  # noqa: E402
+from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
+from reasonmaxxer.stages.scoring import load_scores
+from reasonmaxxer.utils.sequences import pack_batch, pad_ragged  # noqa: E402
+from reasonmaxxer.utils.storage import read_jsonl_cut_torn_tail  # noqa: E402
 
 
 @torch.no_grad()
@@ -44,9 +46,9 @@ def main() -> None:
     model = PeftModel.from_pretrained(load_model(cfg.model.name_or_path, dtype="float32"), str(run / "adapter"))
     model.eval()
     base_model = model.get_base_model()
-    rollouts = read_jsonl_resumable(run / "rollouts.jsonl")
+    rollouts = read_jsonl_cut_torn_tail(run / "rollouts.jsonl")
     scores = load_scores(run / "scores")
-    chosen = [r["rollout_index"] for r in read_jsonl_resumable(run / "selection.jsonl")][: args.rollouts]
+    chosen = [r["rollout_index"] for r in read_jsonl_cut_torn_tail(run / "selection.jsonl")][: args.rollouts]
     sums = {"exact_nonfork": 0.0, "topk_nonfork": 0.0, "exact_fork": 0.0, "topk_fork": 0.0}
     counts = {"nonfork": 0, "fork": 0}
     for s in range(0, len(chosen), args.batch):

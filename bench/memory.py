@@ -37,12 +37,14 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from reasonmaxxer.entropy import fork_mask
-    from reasonmaxxer.loss import fork_gated_loss, policy_logprobs, policy_logprobs_and_kl, topk_kl
-    from reasonmaxxer.scoring import score_batch
-    from reasonmaxxer.sequences import pack_batch
+    from reasonmaxxer.core.gate import fork_mask
+    from reasonmaxxer.core.kl import topk_kl
+    from reasonmaxxer.core.logprobs import policy_logprobs, policy_logprobs_and_kl
+    from reasonmaxxer.core.loss import fork_gated_loss
+    from reasonmaxxer.models.forward import completion_logits
+    from reasonmaxxer.stages.scoring import score_batch
     from reasonmaxxer.testing import build_tiny_model_dir
-    from reasonmaxxer.trainer import completion_logits
+    from reasonmaxxer.utils.sequences import pack_batch
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(build_tiny_model_dir(Path(tempfile.mkdtemp()) / "tiny"))

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reasonmaxxer.config import DataConfig, RolloutConfig  # noqa: E402
-from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
-from reasonmaxxer.problems import builtin_arithmetic  # noqa: E402
-from reasonmaxxer.rollouts import chat_prompt_ids, eos_token_ids, generate_batch  # noqa: E402
+from reasonmaxxer.config.schema import DataConfig, RolloutConfig  # noqa: E402
+from reasonmaxxer.data.builtin import builtin_arithmetic  # noqa: E402
+from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
+from reasonmaxxer.stages.sampling import chat_prompt_ids, eos_token_ids, generate_batch  # noqa: E402
 from reasonmaxxer.testing import build_tiny_model_dir  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def hf_generate(model, tokenizer, prompts, cfg, eos, *, seed: int, compiled: boo
     """``model.generate`` as the hf backend calls it, with a static cache (and torch.compile)."""
     from transformers import CompileConfig
 
-    from reasonmaxxer.rollouts import cut_at_eos
+    from reasonmaxxer.stages.sampling import cut_at_eos
 
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id

@@ -23,12 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reasonmaxxer.config import load_config  # noqa: E402
-from reasonmaxxer.modeling import load_model, load_tokenizer  # noqa: E402
-from reasonmaxxer.scoring import score_batch  # noqa: E402
-from reasonmaxxer.sequences import pack_batch  # noqa: E402
+from reasonmaxxer.config.loading import load_config  # noqa: E402
+from reasonmaxxer.models.forward import completion_logits  # noqa: E402
+from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
+from reasonmaxxer.stages.scoring import score_batch  # noqa: E402
+from reasonmaxxer.stages.trainer import build_trainer
 from reasonmaxxer.testing import build_tiny_model_dir  # noqa: E402
-from reasonmaxxer.trainer import build_trainer, completion_logits  # noqa: E402
+from reasonmaxxer.utils.sequences import pack_batch  # noqa: E402
 
 
 def main() -> None:

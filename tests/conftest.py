@@ -30,8 +30,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run (every training stage), with supplied mixed rewards."""
+    from helpers import give_mixed_rewards
+
     from reasonmaxxer.cli import train_main
-    from reasonmaxxer.testing import give_mixed_rewards, tiny_run_args
+    from reasonmaxxer.testing import tiny_run_args
 
     run_dir = tmp_path_factory.mktemp("run") / "demo"
     assert train_main(tiny_run_args(tiny_model_dir, run_dir, "--stage", "problems")) == 0

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from reasonmaxxer.cli import train_main
-from reasonmaxxer.config import Config, load_config, parse_overrides
+from reasonmaxxer.config.loading import load_config, parse_overrides
+from reasonmaxxer.config.schema import Config
 from reasonmaxxer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

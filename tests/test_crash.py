@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import give_mixed_rewards
 from safetensors.torch import load_file
 
-from reasonmaxxer.testing import give_mixed_rewards, tiny_run_args
+from reasonmaxxer.testing import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import give_mixed_rewards
 
-from reasonmaxxer.entropy import fork_mask, quantile_threshold
-from reasonmaxxer.testing import give_mixed_rewards, tiny_run_args
+from reasonmaxxer.core.gate import fork_mask, quantile_threshold
+from reasonmaxxer.testing import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).parent / "workers"

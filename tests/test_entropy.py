@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.entropy against independent computations.
+"""Tests for reasonmaxxer.core.entropy and reasonmaxxer.core.gate against independent computations.
 
 References used: torch.distributions.Categorical, brute-force Python loops in float64,
 torch.quantile, and TRL's own GRPOTrainer.get_high_entropy_mask (the semantics of
@@ -19,14 +19,8 @@ import pytest
 import torch
 from torch.distributions import Categorical
 
-from reasonmaxxer.entropy import (
-    GATE_MODES,
-    fork_mask,
-    quantile_threshold,
-    random_positions,
-    token_entropy,
-    token_stats,
-)
+from reasonmaxxer.core.entropy import token_entropy, token_stats
+from reasonmaxxer.core.gate import GATE_MODES, fork_mask, quantile_threshold, random_positions
 
 LN2 = math.log(2.0)
 

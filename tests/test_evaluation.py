@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from reasonmaxxer.accuracy import accuracy_summary, paired_bootstrap_delta, pass_at_k
 from reasonmaxxer.cli import eval_main
+from reasonmaxxer.evaluation.accuracy import accuracy_summary, paired_bootstrap_delta, pass_at_k
 from reasonmaxxer.testing import build_tiny_model_dir, tiny_run_args
 
 
@@ -185,8 +185,8 @@ def test_eval_logs_tables_and_histograms_to_wandb(trained_run, tiny_model_dir, t
 
 
 def test_controls_are_measured_at_their_reference_entropy_gate():
-    from reasonmaxxer.config import load_config
-    from reasonmaxxer.evaluation import movement_gate
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.evaluation.runner import movement_gate
 
     for mode in ("random", "all"):
         gate = load_config(None, ["--gate.mode", mode, "--gate.reference", "topk", "--gate.k", "3"]).gate

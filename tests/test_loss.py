@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.loss against independent computations.
+"""Tests for reasonmaxxer.core (logprobs, kl, loss) against independent computations.
 
 References: log_softmax + gather, torch.distributions.kl_divergence, float64 brute-force
 loops over positions and vocabulary, and a per-position Python re-implementation of the
@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from reasonmaxxer.loss import (
-    LOSS_VARIANTS,
-    exact_kl,
-    fork_gated_loss,
-    gather_logprobs,
-    topk_kl,
-)
+from reasonmaxxer.core.kl import exact_kl, topk_kl
+from reasonmaxxer.core.logprobs import gather_logprobs
+from reasonmaxxer.core.loss import LOSS_STATS, LOSS_VARIANTS, fork_gated_loss, stats_to_floats
+
+
+def _gated_loss(*args, **kwargs):
+    """fork_gated_loss with its tensor statistics read as floats (one sync)."""
+    loss, stats = fork_gated_loss(*args, **kwargs)
+    return loss, stats_to_floats(stats)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -363,7 +365,7 @@ def _batch(seed=0, B=5, T=7, *, poison_padding=True, floor_safe=False):
 def _call(batch, **kw):
     pl = batch["policy_logp"].clone().requires_grad_(True)
     kl = batch["kl"].clone().requires_grad_(True)
-    loss, stats = fork_gated_loss(
+    loss, stats = _gated_loss(
         pl, batch["base_logp"], batch["advantages"], batch["fork_mask"],
         batch["completion_mask"], kl, **kw,
     )
@@ -436,7 +438,7 @@ def test_split_floor_normalisation():
     fork = torch.tensor([[True, False, False, False, False], [False, True, True, True, True]])
     comp = torch.ones(2, 5)
     kl = torch.zeros(2, 5)
-    loss, stats = fork_gated_loss(policy_logp, policy_logp, adv, fork, comp, kl,
+    loss, stats = _gated_loss(policy_logp, policy_logp, adv, fork, comp, kl,
                                   kl_coef=0.0, variant="split", neg_prob_floor=0.05)
     pos_part = 1.0 * -math.log(0.5)
     neg_part = (-2.0 * -math.log(0.4) + -2.0 * -math.log(0.6)) / 4
@@ -563,7 +565,7 @@ def _optimise(variant, neg_prob_floor, steps=200, lr=0.1):
     losses, floored = [], []
     for _ in range(steps):
         logp, _ = gather_logprobs(logits, targets)
-        loss, stats = fork_gated_loss(logp, base_logp, adv, forks, comp, torch.zeros(B, T),
+        loss, stats = _gated_loss(logp, base_logp, adv, forks, comp, torch.zeros(B, T),
                                       kl_coef=0.0, variant=variant, neg_prob_floor=neg_prob_floor)
         losses.append(loss.item())
         floored.append(stats["forks_floored"])
@@ -616,7 +618,7 @@ def test_sgd_step_direction_and_nonfork_untouched():
         z = logits.detach().clone().requires_grad_(True)
         logp, _ = gather_logprobs(z, targets)
         kl = exact_kl(base_logits, z)
-        loss, _ = fork_gated_loss(logp, base_logp, adv, forks, comp, kl,
+        loss, _ = _gated_loss(logp, base_logp, adv, forks, comp, kl,
                                   kl_coef=kl_coef, variant="signed", neg_prob_floor=0.05)
         loss.backward()
         with torch.no_grad():
@@ -645,7 +647,7 @@ def test_sgd_step_direction_and_nonfork_untouched():
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 64])
 def test_policy_logprobs_values_and_gradients_match_autograd(chunk_rows):
-    from reasonmaxxer.loss import policy_logprobs
+    from reasonmaxxer.core.logprobs import policy_logprobs
 
     torch.manual_seed(0)
     logits = (torch.randn(2, 5, 11, dtype=torch.float64) * 3).requires_grad_()
@@ -671,7 +673,7 @@ def test_policy_logprobs_values_and_gradients_match_autograd(chunk_rows):
 
 
 def test_exact_kl_with_shared_lse_has_the_exact_gradient():
-    from reasonmaxxer.loss import policy_logprobs
+    from reasonmaxxer.core.logprobs import policy_logprobs
 
     torch.manual_seed(1)
     base = torch.randn(2, 4, 9) * 2
@@ -691,14 +693,14 @@ def test_inf_and_nan_outside_the_completion_do_not_leak():
     completion = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
     forks = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
     kl = torch.rand(2, 4)
-    clean, _ = fork_gated_loss(policy_logp, policy_logp, torch.tensor([1.0, -1.0]), forks, completion, kl,
+    clean, _ = _gated_loss(policy_logp, policy_logp, torch.tensor([1.0, -1.0]), forks, completion, kl,
                                kl_coef=0.3)
     dirty_logp = policy_logp.clone()
     dirty_kl = kl.clone()
     dirty_logp[completion == 0] = float("-inf")
     dirty_kl[0, 3] = float("nan")
     dirty_kl[1, 3] = float("inf")
-    dirty, stats = fork_gated_loss(dirty_logp, dirty_logp, torch.tensor([1.0, -1.0]), forks, completion,
+    dirty, stats = _gated_loss(dirty_logp, dirty_logp, torch.tensor([1.0, -1.0]), forks, completion,
                                    dirty_kl, kl_coef=0.3)
     assert torch.isfinite(dirty) and dirty.item() == pytest.approx(clean.item())
     assert all(v == v for v in stats.values())  # no NaN statistic
@@ -708,7 +710,7 @@ def test_inf_and_nan_outside_the_completion_do_not_leak():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_kl_matches_exact_kl_and_torch_distributions(chunk_rows, dtype):
     """Values and gradients of the one-pass KL against the plain exact_kl under autograd."""
-    from reasonmaxxer.loss import policy_logprobs_and_kl
+    from reasonmaxxer.core.logprobs import policy_logprobs_and_kl
 
     torch.manual_seed(1)
     B, T, V = 3, 4, 13
@@ -742,7 +744,7 @@ def test_fused_kl_matches_exact_kl_and_torch_distributions(chunk_rows, dtype):
 
 
 def test_fused_kl_bf16_logits_and_no_grad_to_the_base():
-    from reasonmaxxer.loss import policy_logprobs_and_kl
+    from reasonmaxxer.core.logprobs import policy_logprobs_and_kl
 
     torch.manual_seed(2)
     base = (torch.randn(2, 3, 17) * 2).bfloat16().requires_grad_()
@@ -756,3 +758,19 @@ def test_fused_kl_bf16_logits_and_no_grad_to_the_base():
     p_pol = torch.softmax(policy.detach().float(), -1)
     p_base = torch.softmax(base.detach().float(), -1)
     torch.testing.assert_close(policy.grad.float(), p_pol - p_base, atol=1e-2, rtol=0)
+
+
+def test_loss_stats_are_detached_device_tensors() -> None:
+    """Statistics come back as () tensors without a graph (no host sync until read), every key present."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 5).clamp_max(-0.01).requires_grad_(True)
+    kl = torch.rand(2, 5, requires_grad=True)
+    forks = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 1]], dtype=torch.bool)
+    _, stats = fork_gated_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), forks, torch.ones(2, 5), kl,
+                               kl_coef=0.2)
+    assert tuple(stats) == LOSS_STATS
+    for key, value in stats.items():
+        assert isinstance(value, torch.Tensor) and value.shape == () and not value.requires_grad, key
+    floats = stats_to_floats(stats)
+    assert floats["forks"] == 4.0 and floats["forks_correct"] == 2.0 and floats["forks_wrong"] == 2.0
+    assert floats["fork_fraction"] == pytest.approx(0.4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reasonmaxxer.errors import ConfigError
-from reasonmaxxer.modeling import (
+from reasonmaxxer.models.loading import (
     SMOLLM2,
     ensure_smollm2,
     load_model,
@@ -154,7 +154,7 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_resolve_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    from reasonmaxxer.modeling import resolve_device
+    from reasonmaxxer.models.loading import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -167,7 +167,7 @@ def test_resolve_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_smollm2_missing_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.metadata
 
-    from reasonmaxxer import modeling
+    from reasonmaxxer.models import loading as modeling
 
     real_find_spec = importlib.util.find_spec
 

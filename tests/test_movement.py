@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.movement against independent computations.
+"""Tests for reasonmaxxer.evaluation.movement against independent computations.
 
 References: torch.distributions (KL, entropy), Python loops over the vocabulary in
 float64 (KL, JS, ranks), Python aggregation for summarize / deciles / overlap, and two
@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from reasonmaxxer.entropy import token_entropy
-from reasonmaxxer.loss import exact_kl
-from reasonmaxxer.movement import (
+from reasonmaxxer.core.entropy import token_entropy
+from reasonmaxxer.core.kl import exact_kl
+from reasonmaxxer.evaluation.movement import (
     MOVEMENT_KEYS,
     RERANKED,
     SHIFTED,
@@ -29,8 +29,8 @@ from reasonmaxxer.movement import (
     position_movement,
     summarize,
 )
-from reasonmaxxer.scoring import score_batch
-from reasonmaxxer.sequences import pack_batch
+from reasonmaxxer.stages.scoring import score_batch
+from reasonmaxxer.utils.sequences import pack_batch
 
 LN2 = math.log(2.0)
 NEG_INF = float("-inf")

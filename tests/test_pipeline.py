@@ -170,7 +170,7 @@ def test_bad_model_stops_before_any_work(tmp_path, capsys, model, message):
 
 @pytest.mark.slow
 def test_diverging_training_stops_with_one_line_and_saves_no_adapter(tiny_model_dir, tmp_path, capsys):
-    from reasonmaxxer.testing import give_mixed_rewards
+    from helpers import give_mixed_rewards
 
     run = tmp_path / "diverge"
     for stage in ("problems", "rollouts"):

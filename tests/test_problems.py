@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.problems: the arithmetic generator and the dataset loaders."""
+"""Tests for reasonmaxxer.data (builtin, loaders, problem): the arithmetic generator and the dataset loaders."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from reasonmaxxer.data.builtin import KIND_DIFFICULTY, builtin_arithmetic
+from reasonmaxxer.data.loaders import load_hf_dataset, load_local_file, normalize_answer
+from reasonmaxxer.data.problem import Problem, split_heldout
 from reasonmaxxer.errors import ConfigError, DataError
-from reasonmaxxer.problems import (
-    KIND_DIFFICULTY,
-    Problem,
-    builtin_arithmetic,
-    load_hf_dataset,
-    load_local_file,
-    normalize_answer,
-    split_heldout,
-)
 
 ALL_KINDS = ("add", "mul", "sub", "word")
 

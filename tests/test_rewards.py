@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.rewards: answer extraction and verification."""
+"""Tests for reasonmaxxer.data.rewards: answer extraction and verification."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from reasonmaxxer.rewards import answers_equal, extract_answer, verify
+from reasonmaxxer.data.rewards import answers_equal, extract_answer, verify
 
 # Realistic SmolLM2-135M-style completions: rambling, several numbers, rarely a format.
 EXTRACTION_CASES = [

@@ -1,7 +1,7 @@
-"""Tests for reasonmaxxer.rollouts with the tiny model: prompts, EOS cutting, sampling, resume.
+"""Tests for reasonmaxxer.stages.sampling and .rollouts with the tiny model: prompts, EOS cutting, sampling, resume.
 
 References: the ChatML text written out by hand, a greedy decode by plain full forward
-passes of each unpadded prompt, reasonmaxxer.rewards.verify, and an uninterrupted run.
+passes of each unpadded prompt, reasonmaxxer.data.rewards.verify, and an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reasonmaxxer.config import DataConfig, RolloutConfig
-from reasonmaxxer.problems import Problem, builtin_arithmetic
-from reasonmaxxer.rewards import verify
-from reasonmaxxer.rollouts import (
+from reasonmaxxer.config.schema import DataConfig, RolloutConfig
+from reasonmaxxer.data.builtin import builtin_arithmetic
+from reasonmaxxer.data.problem import Problem
+from reasonmaxxer.data.rewards import verify
+from reasonmaxxer.stages.rollouts import run_rollouts
+from reasonmaxxer.stages.sampling import (
     chat_prompt_ids,
     cut_at_eos,
     eos_token_ids,
     fast_generate,
     generate_batch,
-    run_rollouts,
     sample_next,
 )
 
@@ -178,7 +179,7 @@ def _read(path: Path):
 
 def _count_generate(model, monkeypatch):
     """Count the sampling calls (any backend) and the prompts in each."""
-    import reasonmaxxer.rollouts as rollouts_module
+    import reasonmaxxer.stages.rollouts as rollouts_module
 
     calls = []
     original = rollouts_module.generate_batch

@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.scoring against one plain full forward pass per unpadded row.
+"""Tests for reasonmaxxer.stages.scoring against one plain full forward pass per unpadded row.
 
 References: ``model(input_ids, attention_mask, position_ids).logits`` of each row alone,
 torch.distributions.Categorical for the entropy, log_softmax + gather for the log-prob,
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch.distributions import Categorical
 
-from reasonmaxxer.scoring import load_scores, score_batch, score_rollouts
-from reasonmaxxer.sequences import pack_batch
+from reasonmaxxer.stages.scoring import load_scores, score_batch, score_rollouts
+from reasonmaxxer.utils.sequences import pack_batch
 
 PAD = 2
 TOP_K = 5

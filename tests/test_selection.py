@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.selection against brute-force formulas and hand-built rollouts."""
+"""Tests for reasonmaxxer.stages.selection and core.advantages against brute-force formulas and hand-built rollouts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from reasonmaxxer.config import SelectionConfig
+from reasonmaxxer.config.schema import SelectionConfig
+from reasonmaxxer.core.advantages import group_advantages
 from reasonmaxxer.errors import DataError
-from reasonmaxxer.selection import group_advantages, select_rollouts
+from reasonmaxxer.stages.selection import select_rollouts
 
 
 def _brute_advantages(rewards, clip):

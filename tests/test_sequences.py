@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.sequences against brute-force layouts and plain unpadded forwards."""
+"""Tests for reasonmaxxer.utils.sequences against brute-force layouts and plain unpadded forwards."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasonmaxxer.sequences import pack_batch, pad_ragged
+from reasonmaxxer.utils.sequences import pack_batch, pad_ragged
 
 PAD = 7
 

@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.storage: fingerprints, atomic writes, torn-line-safe JSONL."""
+"""Tests for reasonmaxxer.utils.storage: fingerprints, atomic writes, torn-line-safe JSONL."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from reasonmaxxer.storage import (
+from reasonmaxxer.utils.storage import (
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
     fingerprint,
     read_json,
-    read_jsonl_resumable,
+    read_jsonl_cut_torn_tail,
     write_jsonl,
 )
 
@@ -51,12 +51,12 @@ def test_atomic_write_json_leaves_no_temp_files(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["note.txt", "sub"]
 
 
-def test_read_jsonl_resumable_missing_and_empty(tmp_path: Path) -> None:
+def test_read_jsonl_cut_torn_tail_missing_and_empty(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
-    assert read_jsonl_resumable(path) == []
+    assert read_jsonl_cut_torn_tail(path) == []
     assert not path.exists()
     path.write_bytes(b"")
-    assert read_jsonl_resumable(path) == []
+    assert read_jsonl_cut_torn_tail(path) == []
 
 
 def test_append_and_read_round_trip(tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_append_and_read_round_trip(tmp_path: Path) -> None:
     append_jsonl(path, first)
     append_jsonl(path, [])
     append_jsonl(path, [{"id": 3}])
-    assert read_jsonl_resumable(path) == first + [{"id": 3}]
+    assert read_jsonl_cut_torn_tail(path) == first + [{"id": 3}]
     # One record per line.
     assert len(path.read_bytes().splitlines()) == 3
 
@@ -78,27 +78,27 @@ def test_torn_last_line_is_dropped_and_cut(tmp_path: Path) -> None:
     # Cut inside a multi-byte character, as a kill mid-write can.
     cut = torn_record.index("∑".encode()) + 1
     path.write_bytes(good + torn_record[:cut])
-    assert read_jsonl_resumable(path) == complete
+    assert read_jsonl_cut_torn_tail(path) == complete
     assert path.read_bytes() == good  # the torn tail is cut from the file
     append_jsonl(path, [{"id": 3, "v": "x"}])
     # The file is valid JSONL line by line.
     lines = path.read_bytes().decode().splitlines()
     assert [json.loads(line) for line in lines] == complete + [{"id": 3, "v": "x"}]
-    assert read_jsonl_resumable(path) == complete + [{"id": 3, "v": "x"}]
+    assert read_jsonl_cut_torn_tail(path) == complete + [{"id": 3, "v": "x"}]
 
 
 def test_torn_only_line(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"id": 1, "te')
-    assert read_jsonl_resumable(path) == []
+    assert read_jsonl_cut_torn_tail(path) == []
     assert path.read_bytes() == b""
     append_jsonl(path, [{"id": 1}])
-    assert read_jsonl_resumable(path) == [{"id": 1}]
+    assert read_jsonl_cut_torn_tail(path) == [{"id": 1}]
 
 
 def test_write_jsonl_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     append_jsonl(path, [{"old": True}])
     write_jsonl(path, [{"a": 1}, {"b": 2}])
-    assert read_jsonl_resumable(path) == [{"a": 1}, {"b": 2}]
+    assert read_jsonl_cut_torn_tail(path) == [{"a": 1}, {"b": 2}]
     assert os.listdir(tmp_path) == ["out.jsonl"]

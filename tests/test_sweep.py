@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reasonmaxxer.config import parse_overrides
+from reasonmaxxer.config.loading import parse_overrides
 from reasonmaxxer.errors import ConfigError
 from reasonmaxxer.sweep import expand_grid, load_sweep, point_args, sweep_configs
 from reasonmaxxer.testing import tiny_run_args
@@ -73,7 +73,7 @@ def test_bad_sweep_files_fail_before_any_work(tmp_path, params, extra, message):
 
 
 def test_effective_gate_ignores_unused_fields():
-    from reasonmaxxer.config import load_config
+    from reasonmaxxer.config.loading import load_config
 
     a = load_config(None, ["--gate.mode", "all", "--gate.tau", "1.0"]).gate.effective()
     b = load_config(None, ["--gate.mode", "all", "--gate.tau", "2.0"]).gate.effective()
@@ -90,7 +90,7 @@ def mixed_verify(monkeypatch):
     """A random tiny model solves nothing: reward by a hash of the text so problems are mixed."""
     import zlib
 
-    import reasonmaxxer.rollouts as rollouts_module
+    import reasonmaxxer.stages.rollouts as rollouts_module
 
     monkeypatch.setattr(rollouts_module, "verify", lambda text, answer: (float(zlib.crc32(text.encode()) % 2), None))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reasonmaxxer.config import load_config
+from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.tracking import Tracker, redact
 
 
@@ -31,7 +31,7 @@ def test_saved_config_round_trips(tmp_path):
     """config.yaml as the pipeline writes it loads back to the same config."""
     import yaml
 
-    from reasonmaxxer.config import config_from_dict
+    from reasonmaxxer.config.loading import config_from_dict
 
     cfg = load_config(None, ["--rollout.max_new_tokens", "77", "--gate.tau", "1.8"])
     text = yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False)

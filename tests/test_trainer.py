@@ -9,11 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reasonmaxxer.config import load_config
+from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.errors import TrainingDivergedError
-from reasonmaxxer.scoring import score_batch
-from reasonmaxxer.sequences import pack_batch
-from reasonmaxxer.trainer import build_trainer, last_complete_checkpoint
+from reasonmaxxer.stages.scoring import score_batch
+from reasonmaxxer.stages.trainer import build_trainer, last_complete_checkpoint
+from reasonmaxxer.utils.sequences import pack_batch
+
+
+def _metrics(trainer, mode="train"):
+    """The trainer's accumulated metrics as floats (they are kept as device tensors until logged)."""
+    return {k: [float(x) for x in v] for k, v in trainer._metrics[mode].items()}
 
 
 def _rollouts(tokenizer, n=6, seed=0):
@@ -109,7 +114,7 @@ def test_compute_loss_matches_brute_force(tiny_model_dir, tmp_path, anchor):
     loss = trainer.compute_loss(trainer.model, dict(batch))
     expected = _reference(base, trainer.model, batch, tau=tau, kl_coef=0.2, floor=0.003)
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    m = trainer._metrics["train"]
+    m = _metrics(trainer)
     assert 0 < m["fork_fraction"][-1] < 1  # the threshold splits this batch
     assert m["kl_term"][-1] > 0
 
@@ -118,7 +123,7 @@ def test_fresh_adapter_has_zero_kl_and_zero_dlogp(tiny_model_dir, tmp_path):
     trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.mode", "quantile", "--gate.quantile", "0.3"])
     trainer.model.train()
     trainer.compute_loss(trainer.model, dict(batch))
-    m = trainer._metrics["train"]
+    m = _metrics(trainer)
     assert abs(m["kl_term"][-1]) < 1e-5
     assert abs(m["dlogp_pos_forks"][-1]) < 1e-5 and abs(m["dlogp_neg_forks"][-1]) < 1e-5
 
@@ -142,14 +147,14 @@ def test_policy_entropy_source_and_backward(tiny_model_dir, tmp_path):
     loss.backward()
     grads = [p.grad for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert trainer._metrics["train"]["forks"][-1] == sum(min(2, int(n)) for n in batch["completion_mask"].sum(-1))
+    assert _metrics(trainer)["forks"][-1] == sum(min(2, int(n)) for n in batch["completion_mask"].sum(-1))
 
 
 def test_no_fork_batch_is_the_kl_term_alone(tiny_model_dir, tmp_path):
     trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.tau", "100"])
     _perturb_lora(trainer.model)
     loss = trainer.compute_loss(trainer.model, dict(batch))
-    m = trainer._metrics["train"]
+    m = _metrics(trainer)
     assert m["no_fork"][-1] == 1.0 and m["fork_term"][-1] == 0.0
     assert loss.item() == pytest.approx(0.2 * m["kl_term"][-1], rel=1e-6)
     loss.backward()
@@ -219,10 +224,10 @@ def test_nonfinite_loss_is_skipped_with_zero_gradient_then_stops(tiny_model_dir,
         loss.backward()
         assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in params)
         assert f"({in_a_row} in a row, at most 2)" in caplog.text
-    assert trainer._metrics["train"]["nonfinite_skipped"] == [1.0, 1.0]
+    assert _metrics(trainer)["nonfinite_skipped"] == [1.0, 1.0]
     # A finite batch resets the count ...
     assert torch.isfinite(trainer.compute_loss(trainer.model, dict(batch)))
-    assert trainer._metrics["train"]["nonfinite_skipped"][-1] == 0.0
+    assert _metrics(trainer)["nonfinite_skipped"][-1] == 0.0
     for _ in range(2):
         trainer.compute_loss(trainer.model, dict(bad))
     # ... and the third NaN in a row stops the run, with one line that says what to change.
@@ -263,3 +268,21 @@ def test_batches_are_grouped_by_length(tiny_model_dir, tmp_path):
     padded = [b["input_ids"].numel() for b in trainer.get_train_dataloader()]
     in_order = [max(ds["length"][i : i + 2]) * len(ds["length"][i : i + 2]) for i in range(0, len(ds), 2)]
     assert sum(padded) <= sum(in_order)
+
+
+def test_log_turns_metric_tensors_into_step_means(tiny_model_dir, tmp_path):
+    """Metrics stay tensors per micro-batch; log() averages them into floats (one host sync)."""
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.mode", "quantile", "--gate.quantile", "0.3"])
+    _perturb_lora(trainer.model)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch))
+    half = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+    trainer.compute_loss(trainer.model, half)
+    raw = trainer._metrics["train"]
+    assert all(isinstance(x, torch.Tensor) for x in raw["kl_term"])
+    expected = {k: sum(float(x) for x in v) / len(v) for k, v in raw.items()}
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    for key in ("kl_term", "fork_fraction", "forks", "base_entropy_forks"):
+        assert isinstance(logged[key], float) and logged[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert trainer._metrics["train"] == {}

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from reasonmaxxer.cli import train_main
-from reasonmaxxer.vllm_backend import completions_from_outputs
+from reasonmaxxer.stages.vllm_backend import completions_from_outputs
 
 EOS = {2, 7}
 

@@ -1,8 +1,11 @@
 """ReasonMaxxer: entropy-gated fine-tuning of reasoning models at their decision forks."""
 
-from .entropy import fork_mask, token_entropy, token_stats
+from .core.entropy import token_entropy, token_stats
+from .core.gate import fork_mask
+from .core.kl import exact_kl, topk_kl
+from .core.logprobs import gather_logprobs
+from .core.loss import fork_gated_loss
 from .errors import ConfigError, DataError, UserError
-from .loss import exact_kl, fork_gated_loss, gather_logprobs, topk_kl
 
 __version__ = "0.1.0"
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import distributed as dist
 from .errors import UserError
+from .utils import distributed as dist
 
 
 def _fail(err: UserError) -> int:
@@ -29,13 +29,17 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``python train.py --config FILE [--stage NAME] [--sweep FILE] [--section.key value ...]``."""
+    """``python train.py --config FILE [--stage NAME] [--sweep FILE] [--section.key value ...]``.
+
+    Returns the exit status (the ``reasonmaxxer-train`` console script exits with it).
+    """
     parser = _parser("train.py", "Run the ReasonMaxxer offline recipe: problems -> rollouts -> scoring -> "
                      "selection -> training.")
     parser.add_argument("--stage", help="run only this stage (its inputs must exist)")
@@ -89,7 +93,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    """``python eval.py --config FILE [--adapter PATH] [--base ID_OR_PATH] [--output_dir DIR]``."""
+    """``python eval.py --config FILE [--adapter PATH] [--base ID_OR_PATH] [--output_dir DIR]``.
+
+    Returns the exit status (the ``reasonmaxxer-eval`` console script exits with it).
+    """
     parser = _parser("eval.py", "Measure how far an adapter moved its base at forks vs elsewhere, and whether "
                      "it got better.")
     parser.add_argument("--adapter", help="PEFT adapter folder (default: <output_dir>/adapter)")
@@ -107,7 +114,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.run_dir:
             cfg.output_dir = args.run_dir
-        from .evaluation import run_eval
+        from .evaluation.runner import run_eval
 
         run_dir = Path(cfg.output_dir)
         result = run_eval(
@@ -122,17 +129,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    from .report import console_summary
+    from .evaluation.report import console_summary
 
     print(console_summary(result))
     return 0
 
 
-def main_eval() -> None:  # console script
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(eval_main())
-
-
-def main_train() -> None:  # console script
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(train_main())

@@ -18,16 +18,29 @@ from typing import Any, Sequence
 
 import yaml
 
-from . import distributed as dist
 from .config import Config
+from .data.problem import Problem, read_split
+from .data.sources import load_problems
 from .errors import ConfigError, DataError
-from .problems import Problem, read_split
-from .storage import atomic_write_json, atomic_write_text, fingerprint, read_json, read_jsonl_resumable, write_jsonl
 from .tracking import Tracker, redact
+from .utils import distributed as dist
+from .utils.storage import (
+    atomic_write_json,
+    atomic_write_text,
+    fingerprint,
+    read_json,
+    read_jsonl_cut_torn_tail,
+    write_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("problems", "rollouts", "scoring", "selection", "training")
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "problems": ("problems.jsonl",), "rollouts": ("rollouts.jsonl",), "scoring": ("scores",),
+    "selection": ("selection.jsonl",), "training": ("checkpoints", "adapter", "train_log.json"),
+}
+"""What each stage writes under the run folder (cleared when its settings change)."""
 
 
 @dataclasses.dataclass
@@ -79,22 +92,17 @@ class Pipeline:
         fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
                                       "rollout": rollout, "seed": c["seed"]})
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
-                                     "temperature": self.entropy_temperature})
+                                     "temperature": self.cfg.entropy_temperature})
         fp["selection"] = fingerprint({"up": fp["rollouts"], "selection": c["selection"]})
         fp["training"] = fingerprint({"up": [fp["selection"], fp["scoring"]], "gate": self.cfg.gate.effective(),
                                       "loss": c["loss"],
                                       "lora": c["lora"], "training": c["training"], "seed": c["seed"]})
         return fp
 
-    @property
-    def entropy_temperature(self) -> float:
-        t = self.cfg.scoring.entropy_temperature
-        return self.cfg.rollout.temperature if t is None else t
-
     # ------------------------------------------------------------------ model
     def model_and_tokenizer(self) -> tuple[Any, Any]:
         if self._model is None:
-            from .modeling import load_model, load_tokenizer
+            from .models.loading import load_model, load_tokenizer
 
             m = self.cfg.model
             self._tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
@@ -110,11 +118,11 @@ class Pipeline:
         if only is not None and only not in STAGES:
             raise ConfigError(f"--stage: unknown stage '{only}'; stages are {', '.join(STAGES)}")
         if only is None or only in ("rollouts", "scoring", "training"):
-            from .modeling import check_model_source
+            from .models.loading import check_model_source
 
             check_model_source(self.cfg.model.name_or_path)
         if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm":
-            from .vllm_backend import require_vllm
+            from .stages.vllm_backend import require_vllm
 
             require_vllm()
         fps = self.fingerprints()
@@ -187,11 +195,8 @@ class Pipeline:
             self.tracker.summary(stage, {**summary, "seconds": seconds})
         return StageResult(stage, summary, seconds, skipped=False)
 
-    _OUTPUTS = {"problems": ["problems.jsonl"], "rollouts": ["rollouts.jsonl"], "scoring": ["scores"],
-                "selection": ["selection.jsonl"], "training": ["checkpoints", "adapter", "train_log.json"]}
-
     def _clear_outputs(self, stage: str) -> None:
-        for name in self._OUTPUTS[stage]:
+        for name in STAGE_OUTPUTS[stage]:
             p = self.path(name)
             if p.is_symlink():  # a sweep point's link to shared outputs: drop the link only
                 p.unlink()
@@ -202,7 +207,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def stage_problems(self) -> dict[str, Any]:
-        train, heldout = load_problems(self.cfg)
+        train, heldout = load_problems(self.cfg.data, seed=self.cfg.seed)
         rows = [{**dataclasses.asdict(p), "split": "train"} for p in train]
         rows += [{**dataclasses.asdict(p), "split": "heldout"} for p in heldout]
         if dist.is_main():
@@ -213,14 +218,14 @@ class Pipeline:
         return read_split(self.path("problems.jsonl"), split)
 
     def stage_rollouts(self) -> dict[str, Any]:
-        from .rollouts import run_rollouts
+        from .stages.rollouts import run_rollouts
 
         if self.cfg.rollout.backend == "vllm":
             if dist.world_size() > 1:
                 raise ConfigError("rollout.backend: vllm uses the GPUs of one process; run `--stage rollouts` "
                                   "with `python train.py`, then the other stages with torchrun")
-            from .modeling import load_tokenizer, resolve_model_path
-            from .vllm_backend import VllmSampler
+            from .models.loading import load_tokenizer, resolve_model_path
+            from .stages.vllm_backend import VllmSampler
 
             m = self.cfg.model
             path = resolve_model_path(m.name_or_path)
@@ -233,17 +238,17 @@ class Pipeline:
                             self.path("rollouts.jsonl"), seed=self.cfg.seed, progress=self.progress)
 
     def rollouts(self) -> list[dict[str, Any]]:
-        return read_jsonl_resumable(self.path("rollouts.jsonl"))
+        return read_jsonl_cut_torn_tail(self.path("rollouts.jsonl"))
 
     def stage_scoring(self) -> dict[str, Any]:
-        from .scoring import load_scores, score_rollouts
+        from .stages.scoring import load_scores, score_rollouts
 
         model, tokenizer = self.model_and_tokenizer()
         rollouts = self.rollouts()
         summary = score_rollouts(
             model, rollouts, self.path("scores"), pad_id=tokenizer.pad_token_id,
             batch_size=self.cfg.scoring.batch_size, top_k=self.cfg.scoring.top_k,
-            chunk_size=self.cfg.scoring.chunk_size, entropy_temperature=self.entropy_temperature,
+            chunk_size=self.cfg.scoring.chunk_size, entropy_temperature=self.cfg.entropy_temperature,
             progress=self.progress,
         )
         import torch
@@ -259,7 +264,7 @@ class Pipeline:
         return summary
 
     def stage_selection(self) -> dict[str, Any]:
-        from .selection import select_rollouts
+        from .stages.selection import select_rollouts
 
         rows, summary = select_rollouts(self.rollouts(), self.cfg.selection)
         if dist.is_main():
@@ -267,40 +272,17 @@ class Pipeline:
         return summary
 
     def stage_training(self) -> dict[str, Any]:
-        from .scoring import load_scores
-        from .trainer import build_trainer, train_adapter
+        from .stages.scoring import load_scores
+        from .stages.trainer import build_trainer, train_adapter
 
         model, tokenizer = self.model_and_tokenizer()
         trainer = build_trainer(
-            self.cfg, model, tokenizer, self.rollouts(), read_jsonl_resumable(self.path("selection.jsonl")),
+            self.cfg, model, tokenizer, self.rollouts(), read_jsonl_cut_torn_tail(self.path("selection.jsonl")),
             load_scores(self.path("scores")), self.path("checkpoints"),
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
-            entropy_temperature=self.entropy_temperature, progress=self.progress,
+            entropy_temperature=self.cfg.entropy_temperature, progress=self.progress,
         )
         return train_adapter(trainer, self.run_dir)
-
-
-def load_problems(cfg: Config) -> tuple[list[Problem], list[Problem]]:
-    """Training and held-out problems, disjoint, as the data section describes."""
-    from . import problems as P
-
-    d = cfg.data
-    if d.source == "builtin":
-        train = P.builtin_arithmetic(d.num_train, seed=cfg.seed, kinds=tuple(d.kinds), split="train")
-        heldout = P.builtin_arithmetic(d.num_heldout, seed=cfg.seed, kinds=tuple(d.kinds), split="heldout")
-        return train, heldout
-    limit = d.num_train + d.num_heldout
-    if d.source == "hf":
-        rows = P.load_hf_dataset(d.name, config=d.config_name, split=d.split, prompt_column=d.prompt_column,
-                                 answer_column=d.answer_column, id_column=d.id_column, limit=limit)
-    else:
-        rows = P.load_local_file(d.path, prompt_column=d.prompt_column, answer_column=d.answer_column,
-                                 id_column=d.id_column, limit=limit)
-    if not rows:
-        raise DataError(f"data: the dataset has no rows ({d.source}: {d.name or d.path})")
-    if d.num_heldout == 0:
-        return rows[: d.num_train], []
-    return P.split_heldout(rows, heldout=min(d.num_heldout, len(rows) - 1), seed=cfg.seed)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], *, show: int = 3) -> str:

@@ -25,12 +25,10 @@ import numpy as np
 
 from .config import Config, load_config, read_yaml
 from .errors import ConfigError
-from .storage import atomic_write_json, read_json
+from .utils.storage import atomic_write_json, read_json
 
 GRID_KINDS = ("values", "value", "int_uniform", "q_uniform")
 SHARED_STAGES = ("problems", "rollouts", "scoring", "selection")
-_STAGE_OUTPUTS = {"problems": ["problems.jsonl"], "rollouts": ["rollouts.jsonl"], "scoring": ["scores"],
-                  "selection": ["selection.jsonl"]}
 
 
 @dataclasses.dataclass
@@ -155,7 +153,7 @@ def link_shared_stages(base_dir: Path, point_cfg: Config) -> list[str]:
     A stage is linked only when its fingerprint under the point's config equals the base
     run's, so a linked stage is always skipped and never written through the link.
     """
-    from .pipeline import Pipeline
+    from .pipeline import STAGE_OUTPUTS, Pipeline
 
     point = Pipeline(point_cfg)
     fps = point.fingerprints()
@@ -167,7 +165,7 @@ def link_shared_stages(base_dir: Path, point_cfg: Config) -> list[str]:
         state = read_json(state_path)
         if not state.get("done") or state.get("fingerprint") != fps[stage]:
             break
-        for name in _STAGE_OUTPUTS[stage]:
+        for name in STAGE_OUTPUTS[stage]:
             target, link = (base_dir / name).resolve(), point.path(name)
             if link.is_symlink() or link.exists():
                 if link.is_symlink() and link.resolve() == target:
@@ -215,7 +213,7 @@ def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool
 
     With tracking on, training and eval log into one W&B run (the sweep's metric lives there).
     """
-    from .evaluation import run_eval
+    from .evaluation.runner import run_eval
     from .pipeline import Pipeline
     from .tracking import Tracker
 
@@ -236,7 +234,7 @@ def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool
 
 def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, progress: bool = True) -> Path:
     """Run every point of a grid sweep locally; write ablation.{json,md,png} and return its folder."""
-    from .report import write_ablation
+    from .evaluation.ablation import write_ablation
 
     spec = load_sweep(sweep_path)
     points = sweep_configs(config_path, overrides, spec)  # validates every point first

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from reasonmaxxer.modeling import CHATML_TEMPLATE
+from .models.loading import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
@@ -135,14 +135,3 @@ def tiny_run_args(model_dir: str | Path, run_dir: str | Path, *extra: str) -> li
         "--training.save_steps", "2",
         *extra,
     ]
-
-
-def give_mixed_rewards(rollouts_path: str | Path) -> None:
-    """A random tiny model solves nothing: mark even samples correct so selection has work."""
-    import json
-
-    path = Path(rollouts_path)
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in rows:
-        r["reward"] = float(r["sample"] % 2 == 0)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

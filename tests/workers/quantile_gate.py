@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-
-from reasonmaxxer.entropy import fork_mask, quantile_threshold
-from reasonmaxxer.trainer import gather_across_processes
+from reasonmaxxer.core.gate import fork_mask, quantile_threshold
+from reasonmaxxer.stages.trainer import gather_across_processes
 
 
 def shared_batch() -> tuple[torch.Tensor, torch.Tensor]:

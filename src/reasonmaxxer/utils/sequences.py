@@ -50,7 +50,7 @@ def pack_batch(
 
 
 def pad_ragged(rows: Sequence[torch.Tensor], length: int, value: float = 0.0) -> torch.Tensor:
-    """Right-pad tensors of shape (L_i, ...) to (len(rows), length, ...)."""
+    """Right-pad tensors of shape (C_i, ...) to (B, length, ...), B = len(rows)."""
     first = rows[0]
     out = torch.full((len(rows), length, *first.shape[1:]), value, dtype=first.dtype)
     for i, r in enumerate(rows):

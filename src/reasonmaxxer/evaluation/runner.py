@@ -21,14 +21,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..config import Config
+from ..core.gate import gate_mask
+from ..data.problem import Problem, read_split
+from ..data.sources import load_problems
+from ..errors import ConfigError, DataError
+from ..stages.rollouts import run_rollouts
+from ..utils.sequences import pack_batch, pad_ragged
+from ..utils.storage import atomic_write_json, fingerprint, read_json, read_jsonl_cut_torn_tail
 from .accuracy import accuracy_summary, paired_bootstrap_delta, per_problem_rewards
-from .config import Config
-from .entropy import gate_mask
-from .errors import ConfigError, DataError
-from .problems import Problem, read_split
-from .rollouts import run_rollouts
-from .sequences import pack_batch, pad_ragged
-from .storage import atomic_write_json, fingerprint, read_json, read_jsonl_resumable
 
 
 def heldout_problems(cfg: Config) -> list[Problem]:
@@ -37,9 +38,7 @@ def heldout_problems(cfg: Config) -> list[Problem]:
     if path.exists():
         problems = read_split(path, "heldout")
     else:
-        from .pipeline import load_problems
-
-        problems = load_problems(cfg)[1]
+        problems = load_problems(cfg.data, seed=cfg.seed)[1]
     if not problems:
         raise DataError("eval: there are no held-out problems; set data.num_heldout > 0 and rerun the problems stage")
     return problems[: cfg.eval.max_problems] if cfg.eval.max_problems else problems
@@ -49,7 +48,7 @@ def load_policy(base_path: str, adapter_path: Path, cfg: Config) -> tuple[Any, A
     """Base model with the adapter attached (PeftModel) and its tokenizer."""
     from peft import PeftModel
 
-    from .modeling import check_model_source, load_model, load_tokenizer
+    from ..models.loading import check_model_source, load_model, load_tokenizer
 
     check_model_source(base_path)
     if not (adapter_path / "adapter_config.json").is_file():
@@ -123,8 +122,8 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
         finally:
             if who == "adapter":
                 model.unmerge_adapter()
-        results[f"{who}_samples"] = read_jsonl_resumable(folder / f"{who}_samples.jsonl")
-        results[f"{who}_greedy"] = read_jsonl_resumable(folder / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
+        results[f"{who}_samples"] = read_jsonl_cut_torn_tail(folder / f"{who}_samples.jsonl")
+        results[f"{who}_greedy"] = read_jsonl_cut_torn_tail(folder / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
     return results
 
 
@@ -184,9 +183,9 @@ def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]
             L = len(r["completion_ids"])
             per_rollout.append({k: v[i, :L].cpu() for k, v in stats.items()})
     lengths = [len(r["completion_ids"]) for r in rollouts]
-    T = max(lengths)
-    mask = pad_ragged([torch.ones(L, dtype=torch.bool) for L in lengths], T, False)
-    base_h = pad_ragged([p["base_entropy"] for p in per_rollout], T)
+    C = max(lengths)
+    mask = pad_ragged([torch.ones(L, dtype=torch.bool) for L in lengths], C, False)
+    base_h = pad_ragged([p["base_entropy"] for p in per_rollout], C)
     forks = gate_mask(movement_gate(cfg.gate), base_h, mask)
     flat = {k: torch.cat([p[k] for p in per_rollout]) for k in per_rollout[0]}
     flat["fork"] = forks[mask]
@@ -195,7 +194,7 @@ def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]
     flat["position"] = torch.cat([torch.arange(L) for L in lengths])
     flat["token_id"] = torch.cat([torch.tensor(r["completion_ids"]) for r in rollouts])
     return {"flat": flat, "mask": mask, "base_entropy_padded": base_h,
-            "policy_entropy_padded": pad_ragged([p["policy_entropy"] for p in per_rollout], T)
+            "policy_entropy_padded": pad_ragged([p["policy_entropy"] for p in per_rollout], C)
             if "policy_entropy" in per_rollout[0] else None}
 
 
@@ -242,14 +241,14 @@ def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, prog
 
     Metrics go to ``tracker`` when given (left open), else to a new ``<run>-eval`` run.
     """
+    from ..tracking import Tracker
     from .report import write_report
-    from .tracking import Tracker
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     problems = heldout_problems(cfg)
     model, tokenizer = load_policy(base_path, adapter_path, cfg)
-    entropy_temperature = cfg.scoring.entropy_temperature or cfg.rollout.temperature
+    entropy_temperature = cfg.entropy_temperature
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()

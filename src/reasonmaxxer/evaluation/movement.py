@@ -1,6 +1,6 @@
 """How far a policy (base + LoRA adapter) moved from its base, per completion position.
 
-Evaluation step 6(a) of DESIGN.md ("Movement (eval)"): per completion position of
+Per completion position of
 held-out rollouts, the forward KL(base || policy) and Jensen–Shannon divergence, top-1
 agreement, the shift class of the policy's argmax (UNSHIFTED / RERANKED / SHIFTED) with
 its rank under the base, and the sampled token's log-prob under both models; then
@@ -8,7 +8,7 @@ aggregates over fork and non-fork positions (:func:`summarize`), the overlap of 
 models' high-entropy sets (:func:`high_entropy_overlap`) and a gate-free view by base
 entropy decile (:func:`entropy_deciles`).
 
-Shapes: B batch, T positions of one chunk, C completion positions, V vocabulary,
+Shapes: B batch, C completion positions (or a chunk of them), V vocabulary,
 N flattened (masked) positions. All logs are natural (nats).
 """
 
@@ -19,11 +19,16 @@ from typing import Any
 
 import torch
 
-from .entropy import fork_mask, token_entropy
-from .scoring import completion_hidden, head_logits
+from ..core.entropy import entropy_from_logp, token_entropy
+from ..core.gate import fork_mask
+from ..core.kl import kl_from_logp
+from ..core.ops import LN2, expectation, linear_quantiles
+from ..models.forward import completion_hidden, head_logits
 
 UNSHIFTED, RERANKED, SHIFTED = 0, 1, 2
 """``shift_class`` codes: same argmax / argmax changed to a base top-n token / changed to one outside."""
+SHIFT_NAMES = ("unshifted", "reranked", "shifted")
+"""The names of the ``shift_class`` codes, in code order."""
 
 MOVEMENT_KEYS = (
     "kl",
@@ -39,9 +44,6 @@ MOVEMENT_KEYS = (
 RANK_HIST_MAX = 10
 """Promoted-token base ranks above this are pooled in the histogram bucket ``">10"``."""
 
-_LN2 = math.log(2.0)
-
-
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """fp32 log-softmax over the last axis; a row that is entirely -inf becomes all -inf (not nan)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -51,16 +53,6 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
         if bool(dead.any()):
             logp[dead] = float("-inf")
     return logp
-
-
-def _masked_sum_p_times(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """sum_v p_v * values_v, with terms where p_v == 0 counted as 0 (0 * inf would be nan).
-
-    Consumes ``values`` (multiplied in place) to avoid another (.., V) buffer.
-    """
-    values.mul_(p)
-    values.masked_fill_(p == 0, 0.0)
-    return values.sum(-1)
 
 
 @torch.no_grad()
@@ -74,19 +66,19 @@ def position_movement(
 ) -> dict[str, torch.Tensor]:
     """Per-position movement of the policy from the base, for one chunk of positions.
 
-    Everything comes from one fp32 log-softmax of each model; the other (B, T, V)
+    Everything comes from one fp32 log-softmax of each model; the other (B, C, V)
     buffers are short-lived temporaries (the vocabulary is never looped over).
 
     Args:
-        base_logits: (B, T, V) base logits predicting ``target_ids``; may hold -inf.
-        policy_logits: (B, T, V) policy logits at the same positions; may hold -inf.
-        target_ids: (B, T) the sampled tokens.
+        base_logits: (B, C, V) base logits predicting ``target_ids``; may hold -inf.
+        policy_logits: (B, C, V) policy logits at the same positions; may hold -inf.
+        target_ids: (B, C) the sampled tokens.
         entropy_temperature: the base entropy is measured at this temperature (the gate's
             entropy); every other quantity is at temperature 1.
         top_n: the base top-n that separates RERANKED from SHIFTED.
 
     Returns:
-        dict of (B, T) tensors:
+        dict of (B, C) tensors:
         ``kl`` fp32 KL(base || policy) over the full vocabulary (nats; 0 at identical
         logits exactly; +inf where the policy gives -inf to a token the base supports);
         ``js`` fp32 Jensen–Shannon divergence with M = (P + Q) / 2, natural log, clamped
@@ -119,7 +111,7 @@ def position_movement(
     # under the base, plus ties with a lower id (argmax returns the first maximum).
     base_arg = blp.argmax(-1)
     policy_arg = plp.argmax(-1)
-    picked = blp.gather(-1, policy_arg.unsqueeze(-1))  # (B, T, 1)
+    picked = blp.gather(-1, policy_arg.unsqueeze(-1))  # (B, C, 1)
     ids = torch.arange(V, device=blp.device)
     ahead = (blp > picked) | ((blp == picked) & (ids < policy_arg.unsqueeze(-1)))
     rank = ahead.sum(-1) + 1
@@ -133,23 +125,22 @@ def position_movement(
     out["shift_class"] = shift
 
     bp = blp.exp()
-    # KL(P || Q) = sum P (log P - log Q): identical rows give exactly 0.
-    out["kl"] = _masked_sum_p_times(bp, blp - plp)
+    out["kl"] = kl_from_logp(blp, plp, base_p=bp)
     if entropy_temperature == 1.0:
-        out["base_entropy"] = (-_masked_sum_p_times(bp, blp.clone())).clamp_min(0.0)
-        out["policy_entropy"] = (-_masked_sum_p_times(plp.exp(), plp.clone())).clamp_min(0.0)
+        out["base_entropy"] = entropy_from_logp(blp, p=bp)
+        out["policy_entropy"] = entropy_from_logp(plp)
     else:
         out["base_entropy"] = token_entropy(base_logits, temperature=entropy_temperature)
         out["policy_entropy"] = token_entropy(policy_logits, temperature=entropy_temperature)
 
     # JS = 1/2 KL(P || M) + 1/2 KL(Q || M), log M = logaddexp(log P, log Q) - ln 2.
-    log_m = torch.logaddexp(blp, plp).sub_(_LN2)
-    js_base = _masked_sum_p_times(bp, blp.sub_(log_m))  # blp is not needed any more
+    log_m = torch.logaddexp(blp, plp).sub_(LN2)
+    js_base = expectation(bp, blp.sub_(log_m))  # blp is not needed any more
     del bp, blp
     pp = plp.exp()
-    js_policy = _masked_sum_p_times(pp, plp.sub_(log_m))
+    js_policy = expectation(pp, plp.sub_(log_m))
     del pp, plp, log_m
-    out["js"] = (0.5 * (js_base + js_policy)).clamp(0.0, _LN2)
+    out["js"] = (0.5 * (js_base + js_policy)).clamp(0.0, LN2)
     return {key: out[key] for key in MOVEMENT_KEYS}
 
 
@@ -173,7 +164,7 @@ def movement_for_batch(
         model: a ``peft.PeftModel`` with a LoRA-type adapter (one whose
             ``disable_adapter()`` switches the injected layers off; prompt-learning
             adapters are not supported).
-        batch: from :func:`reasonmaxxer.sequences.pack_batch`, on the model's device.
+        batch: from :func:`reasonmaxxer.utils.sequences.pack_batch`, on the model's device.
 
     Returns:
         The keys of :data:`MOVEMENT_KEYS`, each (B, C); values at padding positions are
@@ -341,7 +332,7 @@ def high_entropy_overlap(
     ``quantile`` of the masked positions (ties at the cut included).
 
     Args:
-        base_entropy, policy_entropy: (B, T) (or any equal shapes) per-position entropy.
+        base_entropy, policy_entropy: (B, C) (or any equal shapes) per-position entropy.
         mask: same shape, 1 at the positions to consider.
 
     Returns:
@@ -353,15 +344,6 @@ def high_entropy_overlap(
     if union == 0:
         return None
     return int((base_set & policy_set).sum()) / union
-
-
-def _quantiles(sorted_values: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Linear-interpolation quantiles (torch.quantile's default) of an ascending 1-D tensor."""
-    pos = qs * (sorted_values.numel() - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=sorted_values.numel() - 1)
-    frac = pos - lo.to(pos.dtype)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
 
 
 def entropy_deciles(
@@ -392,7 +374,7 @@ def entropy_deciles(
     kl = kl.reshape(-1)
     agree = top1_agree.reshape(-1)
     sorted_h, _ = torch.sort(h)
-    edges = _quantiles(sorted_h, torch.arange(n_bins + 1, dtype=torch.float64) / n_bins)
+    edges = linear_quantiles(sorted_h, torch.arange(n_bins + 1, dtype=torch.float64) / n_bins)
     # bin = number of inner edges <= H: e_i <= H < e_{i+1}, the top edge inclusive.
     bins = torch.bucketize(h, edges[1:-1], right=True)
     out = []

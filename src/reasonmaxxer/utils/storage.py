@@ -44,11 +44,12 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl_resumable(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file written by :func:`append_jsonl`, dropping a torn last line.
+def read_jsonl_cut_torn_tail(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file written by :func:`append_jsonl`; cut a torn last line off the file.
 
-    A kill can leave the final line incomplete; that line is cut from the file so the
-    next append starts on a clean line.
+    A kill can leave the final line incomplete. This truncates the file to its last
+    complete line (it writes!) so the next append starts on a clean line, and returns
+    the complete records.
     """
     path = Path(path)
     if not path.exists():

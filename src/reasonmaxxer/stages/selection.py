@@ -7,26 +7,9 @@ from typing import Any
 
 import torch
 
-from .config import SelectionConfig
-from .errors import DataError
-
-
-def group_advantages(rewards: torch.Tensor, clip: float, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = clip((r_i - mean r) / std r, +-clip) within one problem's rollouts.
-
-    Args:
-        rewards: (G,) rewards of one problem's rollouts.
-
-    Returns:
-        (G,) advantages; all zeros when every reward is equal (nothing to contrast).
-        std is the population standard deviation, so for 0/1 rewards with pass rate p
-        the advantages are +-sqrt((1 - p) / p) and +-sqrt(p / (1 - p)) before clipping.
-    """
-    r = rewards.float()
-    std = r.std(unbiased=False)
-    if std < eps:
-        return torch.zeros_like(r)
-    return ((r - r.mean()) / std).clamp(-clip, clip)
+from ..config import SelectionConfig
+from ..core.advantages import group_advantages
+from ..errors import DataError
 
 
 def select_rollouts(rollouts: list[dict[str, Any]], cfg: SelectionConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:

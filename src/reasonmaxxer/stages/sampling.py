@@ -1,20 +1,16 @@
-"""Sampling rollouts from the frozen base model, verifying them, writing them as they finish."""
+"""Sampling completions from a causal LM: prompts, the `fast` KV-cache loop, `model.generate`, vLLM.
+
+Shapes: B rows being decoded (prompts x samples), V vocabulary.
+"""
 
 from __future__ import annotations
 
-import time
-from collections import Counter
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .config import DataConfig, RolloutConfig
-from .problems import Problem
-from .rewards import verify
-from .storage import append_jsonl, read_jsonl_resumable, write_jsonl
+from ..config import DataConfig, RolloutConfig
+from ..data.problem import Problem
 
 
 def chat_prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig) -> list[int]:
@@ -167,7 +163,7 @@ def generate_batch(
     do_sample: bool = True,
 ) -> list[list[tuple[list[int], str]]]:
     """cfg.num_samples completions for each prompt: ``fast_generate``, one ``model.generate`` call,
-    or a :class:`~reasonmaxxer.vllm_backend.VllmSampler` in place of the model.
+    or a :class:`~reasonmaxxer.stages.vllm_backend.VllmSampler` in place of the model.
 
     With ``do_sample=False`` the completion is greedy (cfg.num_samples must then be 1).
 
@@ -197,94 +193,3 @@ def generate_batch(
     generated = out[:, width:].tolist()
     n = cfg.num_samples
     return [[cut_at_eos(generated[i * n + j], eos_ids) for j in range(n)] for i in range(len(prompts))]
-
-
-def run_rollouts(
-    model: Any,
-    tokenizer: Any,
-    problems: list[Problem],
-    data: DataConfig,
-    cfg: RolloutConfig,
-    out_path: Path,
-    *,
-    seed: int,
-    progress: bool = True,
-    on_batch: Callable[[int], None] | None = None,
-    do_sample: bool = True,
-    desc: str = "rollouts",
-) -> dict[str, Any]:
-    """Sample, verify and append rollouts to ``out_path``; resume from what it holds.
-
-    Problems are cut into fixed batches (by prompt length, for less padding); each batch
-    has its own seed and is written whole after it finishes, so a resumed run skips the
-    finished batches and produces the same rollouts as an uninterrupted one.
-    """
-    start = time.perf_counter()
-    eos_ids = eos_token_ids(model, tokenizer)
-    prompts = {p.id: chat_prompt_ids(tokenizer, p, data) for p in problems}
-    order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
-    per_call = max(1, cfg.batch_size // cfg.num_samples)
-    batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]
-
-    existing = read_jsonl_resumable(out_path)
-    counts = Counter(r["problem_id"] for r in existing)
-    finished = [all(counts[p.id] == cfg.num_samples for p in batch) for batch in batches]
-    # A batch is written whole; one with missing records was cut by a kill mid-write: drop
-    # what it left and sample it again, so the file matches an uninterrupted run.
-    partial = {p.id for batch, ok in zip(batches, finished) if not ok for p in batch}
-    if partial & counts.keys():
-        existing = [r for r in existing if r["problem_id"] not in partial]
-        if dist.is_main():
-            write_jsonl(out_path, existing)
-    dist.barrier()
-    todo = [(b, batch) for b, (batch, ok) in enumerate(zip(batches, finished)) if not ok]
-    # With several processes they go in rounds: process r samples the r-th batch of each
-    # round and the main process appends the round's batches in batch order, so the file
-    # is the one a single process writes.
-    world, rank = dist.world_size(), dist.rank()
-    new_tokens = 0
-    batches_per_process = [0] * world
-    bar = tqdm(total=len(problems), initial=len(problems) - sum(len(b) for _, b in todo),
-               desc=desc, unit="problem", disable=not progress or not dist.is_main())
-    for first in range(0, len(todo), world):
-        mine = todo[first + rank] if first + rank < len(todo) else None
-        records: list[dict[str, Any]] = []
-        if mine is not None:
-            b, batch = mine
-            results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids,
-                                     seed=seed * 100003 + b, do_sample=do_sample)
-            for problem, samples in zip(batch, results):
-                for j, (completion, finish) in enumerate(samples):
-                    text = tokenizer.decode(completion, skip_special_tokens=True)
-                    reward, extracted = verify(text, problem.answer)
-                    records.append({
-                        "problem_id": problem.id, "sample": j, "kind": problem.kind,
-                        "answer": problem.answer, "prompt_ids": prompts[problem.id],
-                        "completion_ids": completion, "text": text, "finish": finish,
-                        "reward": reward, "extracted": extracted,
-                    })
-        for source, done in enumerate(dist.gather_objects(None if mine is None else (mine[0], records))):
-            if done is None:
-                continue
-            batches_per_process[source] += 1
-            b, batch_records = done
-            if dist.is_main():
-                append_jsonl(out_path, batch_records)
-            new_tokens += sum(len(r["completion_ids"]) for r in batch_records)
-            bar.update(len(batches[b]))
-            if on_batch is not None:
-                on_batch(b)
-    bar.close()
-    dist.barrier()  # the last round is on disk before anyone reads the file
-    records = read_jsonl_resumable(out_path)
-    elapsed = time.perf_counter() - start
-    rewards = [r["reward"] for r in records]
-    return {
-        "rollouts": len(records),
-        "problems": len({r["problem_id"] for r in records}),
-        "mean_reward": sum(rewards) / max(len(rewards), 1),
-        "new_tokens_this_run": new_tokens,
-        "tokens_per_s": new_tokens / elapsed if elapsed > 0 else 0.0,
-        "resumed_from": len(existing),
-        "batches_per_process": batches_per_process,
-    }

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .config import RolloutConfig
-from .errors import ConfigError
+from ..config import RolloutConfig
+from ..errors import ConfigError
 
 INSTALL_HINT = "pip install 'reasonmaxxer[vllm]' on a CUDA machine, or use rollout.backend: fast"
 
@@ -31,7 +31,7 @@ def completions_from_outputs(outputs: list[Any], eos_ids: set[int]) -> list[list
     ``stop_token_ids``; the training loss needs it (the model learns to stop), so it
     is put back from ``stop_reason``.
     """
-    from .rollouts import cut_at_eos
+    from .sampling import cut_at_eos
 
     result = []
     for request in outputs:

@@ -1,0 +1,231 @@
+"""Reading a run configuration: YAML file, dotted command-line overrides, type checks.
+
+Command-line overrides use dotted keys (``--gate.tau 1.8`` or ``--gate.tau=1.8``, the
+form W&B sweep agents pass). Every mistake — unknown key, wrong type, out-of-range
+value — raises :class:`~reasonmaxxer.errors.ConfigError` with one line that names the
+key (and the closest valid key), before any work starts.
+
+OmegaConf (torchtune's choice) would merge and override, but its structured configs
+cannot check ``Literal`` choices, and its errors span several lines; the checks here are
+small and keep the one-line messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..errors import ConfigError
+from .schema import SECTIONS, Config, training_defaults
+
+# Set by the pipeline, never by the user.
+_RESERVED_TRAINING_KEYS = {"output_dir", "report_to", "run_name", "seed", "remove_unused_columns", "dataset_kwargs"}
+
+
+def _closest(name: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = _closest(str(value), [str(c) for c in choices])
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}{hint}")
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a new annotation kind in this file
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key{_closest(str(key), known)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _validate_training(values: Any) -> dict[str, Any]:
+    """Check the pass-through training arguments against TRL's SFTConfig fields."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"training: expected a mapping of keys, got {values!r}")
+    from trl import SFTConfig  # deferred: importing TRL takes seconds
+
+    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    for key, value in values.items():
+        if key in _RESERVED_TRAINING_KEYS:
+            raise ConfigError(f"training.{key}: set by ReasonMaxxer; use output_dir/seed/tracking instead")
+        if key not in fields:
+            raise ConfigError(f"training.{key}: unknown key (not an SFTConfig field){_closest(str(key), fields)}")
+        # TrainingArguments does not check types; check those with a scalar default.
+        default = fields[key].default
+        if isinstance(default, bool):
+            _coerce(f"training.{key}", value, bool)
+        elif isinstance(default, int):
+            _coerce(f"training.{key}", value, int)
+        elif isinstance(default, float):
+            values = {**values, key: _coerce(f"training.{key}", value, float)}
+    merged = {**training_defaults(), **values}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            SFTConfig(output_dir="/nonexistent-validation-only", report_to="none", **merged)
+    except (ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"training: {first}") from None
+    return merged
+
+
+def config_from_dict(raw: Any, *, check_training: bool = True) -> Config:
+    """Build and validate a :class:`Config` from a parsed YAML mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: the top level must be a mapping of sections, got {type(raw).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section or key{_closest(str(key), SECTIONS)}")
+        if key == "training":
+            kwargs[key] = _validate_training(value) if check_training else {**training_defaults(), **(value or {})}
+        elif key in ("output_dir", "seed"):
+            kwargs[key] = _coerce(key, value, {"output_dir": str, "seed": int}[key])
+        else:
+            cls = typing.get_type_hints(Config)[key]
+            kwargs[key] = _build_section(key, cls, value)
+    cfg = Config(**kwargs)
+    if check_training and "training" not in raw:
+        cfg.training = _validate_training({})
+    cfg.validate()
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``--a.b value`` / ``--a.b=value`` pairs into a nested mapping (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --section.key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key}: missing value")
+            text = args[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with ``yaml.safe_load``; one-line errors for a missing or broken file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file '{p}'{where}: {problem}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply CLI overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}': the top level must be a mapping of sections")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw)
+
+
+def section_dict(cfg: Config, *names: str) -> dict[str, Any]:
+    """The named sections as plain data, for fingerprints and logging."""
+    d = cfg.to_dict()
+    return {n: d[n] for n in names}

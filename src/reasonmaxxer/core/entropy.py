@@ -1,0 +1,106 @@
+"""Per-token Shannon entropy and the teacher-forced statistics scoring stores.
+
+Pure functions on tensors. Shapes: B batch, C completion positions (or a chunk of them),
+V vocabulary, K cached top-k; ``...`` any leading dimensions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .ops import LN2, expectation
+
+
+def token_entropy(
+    logits: torch.Tensor, unit: Literal["nats", "bits"] = "nats", *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Shannon entropy of softmax(logits / temperature) over the last axis.
+
+    Args:
+        logits: (..., V) in any float dtype; computed in fp32. Entries may be -inf
+            (masked vocabulary); a row that is entirely -inf has entropy 0.
+        unit: "nats" (natural log) or "bits".
+        temperature: divides the logits first (the sampling temperature of the rollouts).
+
+    Returns:
+        (...) fp32 entropy, finite everywhere.
+    """
+    if unit not in ("nats", "bits"):
+        raise ValueError(f"unit must be 'nats' or 'bits', got {unit!r}")
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    entropy = entropy_from_logits(z)
+    return entropy / LN2 if unit == "bits" else entropy
+
+
+def entropy_from_logp(logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """H = -sum_v p_v log p_v from a log-softmax; -inf entries (p = 0) contribute 0, not nan.
+
+    Args:
+        logp: (..., V) normalised log-probabilities (not modified).
+        p: (..., V) ``logp.exp()`` if the caller has it already.
+
+    Returns:
+        (...) entropy in nats, clamped at 0 (rounding can leave -1e-7).
+    """
+    p = logp.exp() if p is None else p
+    return (-expectation(p, logp.clone())).clamp_min(0.0)
+
+
+def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
+    """:func:`entropy_from_logp` of ``log_softmax(z)``; a fully -inf row has entropy 0.
+
+    Subtracting the logsumexp first keeps fp32 exact for logits of any offset (the form
+    logsumexp(z) - sum p z loses nats at |z| ~ 1e4).
+
+    Args:
+        z: (..., V) fp32 logits, already divided by any temperature.
+
+    Returns:
+        (...) fp32 entropy in nats.
+    """
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    finite = torch.isfinite(lse)
+    logp = z - torch.where(finite, lse, torch.zeros_like(lse))
+    entropy = entropy_from_logp(logp)
+    # A fully masked row has no distribution: define its entropy as 0.
+    return torch.where(finite.squeeze(-1), entropy, torch.zeros_like(entropy))
+
+
+def token_stats(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    *,
+    top_k: int = 0,
+    entropy_temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Everything scoring needs from one chunk of logits, from one log-softmax.
+
+    Args:
+        logits: (B, C, V) logits predicting the tokens in ``target_ids``.
+        target_ids: (B, C) the sampled tokens.
+        top_k: how many of the highest log-probs to keep per position (0: none).
+        entropy_temperature: the temperature the entropy is measured at (the log-probs
+            are always at temperature 1, the policy's own scale).
+
+    Returns:
+        dict with ``entropy`` (B, C) nats, ``logp`` (B, C) log p(target),
+        and, when top_k > 0, ``topk_logp`` (B, C, K) and ``topk_ids`` (B, C, K).
+    """
+    z = logits.float()
+    logp_all = torch.log_softmax(z, dim=-1)  # the one (B, C, V) intermediate we keep
+    out: dict[str, torch.Tensor] = {
+        "logp": logp_all.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1),
+    }
+    if entropy_temperature == 1.0:
+        out["entropy"] = entropy_from_logp(logp_all)
+    else:
+        out["entropy"] = entropy_from_logits(z / entropy_temperature)
+    if top_k > 0:
+        topk = logp_all.topk(min(top_k, z.shape[-1]), dim=-1)
+        out["topk_logp"] = topk.values
+        out["topk_ids"] = topk.indices
+    return out

@@ -1,0 +1,148 @@
+"""The fork gate: which completion positions get the contrastive gradient.
+
+This is the central idea of the method: a position is a decision fork when the base
+model is uncertain there. Every mode below is a pure function of per-position entropy
+and the completion mask. Shapes: B batch, C completion positions.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Callable, Literal
+
+import torch
+
+from .ops import linear_quantile
+
+GateMode = Literal["threshold", "quantile", "topk", "all", "random"]
+"""``threshold``: H > tau; ``quantile``: top rho of the batch; ``topk``: k per sequence;
+``all`` and ``random``: the dense and the matched random controls."""
+GATE_MODES: tuple[str, ...] = typing.get_args(GateMode)
+
+ReferenceMode = Literal["threshold", "quantile", "topk"]
+"""The entropy gates: those a ``random`` control can match the per-sequence counts of."""
+REFERENCE_MODES: tuple[str, ...] = typing.get_args(ReferenceMode)
+
+
+def quantile_threshold(
+    entropy: torch.Tensor,
+    completion_mask: torch.Tensor,
+    quantile: float,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """The entropy value above which the top ``quantile`` of completion tokens lie.
+
+    Same semantics as TRL's ``GRPOTrainer.get_high_entropy_mask`` with
+    ``top_entropy_quantile = quantile``: the (1 - quantile) linear quantile of the
+    completion tokens' entropies, pooled across processes by ``gather`` (a function from
+    this process's 1-D tensor to the concatenation over all processes).
+
+    Args:
+        entropy: (B, C) per-position entropy.
+        completion_mask: (B, C) 1 at completion tokens.
+
+    Returns:
+        () the cut, or None when no process has a completion token.
+    """
+    local = entropy[completion_mask.bool()].float()
+    pooled = gather(local) if gather is not None else local
+    if pooled.numel() == 0:
+        return None
+    return linear_quantile(pooled, 1.0 - quantile)
+
+
+def fork_mask(
+    entropy: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    mode: GateMode,
+    tau: float | None = None,
+    quantile: float | None = None,
+    k: int | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reference: ReferenceMode = "threshold",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Which completion positions are decision forks.
+
+    Args:
+        entropy: (B, C) per-position entropy (nats).
+        completion_mask: (B, C) 1 at completion tokens, 0 at prompt and padding.
+        mode: ``threshold`` (entropy > tau), ``quantile`` (top ``quantile`` fraction of
+            the batch's completion tokens, ties at the cut included, as TRL does),
+            ``topk`` (the k highest-entropy completion positions of each sequence),
+            ``all`` (every completion position: the dense control), ``random`` (the
+            control: as many uniformly drawn completion positions per sequence as the
+            ``reference`` gate picks there).
+        gather: for ``quantile`` across processes, see :func:`quantile_threshold`.
+        reference: for ``random``, the entropy gate whose per-sequence counts it matches.
+        generator: for ``random``, the source of randomness (seed it for reproducibility).
+
+    Returns:
+        (B, C) bool, never true where ``completion_mask`` is 0.
+    """
+    valid = completion_mask.bool()
+    if mode == "threshold":
+        if tau is None:
+            raise ValueError("fork_mask(mode='threshold') needs tau")
+        return (entropy > tau) & valid
+    if mode == "quantile":
+        if quantile is None or not 0.0 < quantile <= 1.0:
+            raise ValueError(f"fork_mask(mode='quantile') needs 0 < quantile <= 1, got {quantile}")
+        cut = quantile_threshold(entropy, valid, quantile, gather)
+        if cut is None:
+            return torch.zeros_like(valid)
+        return (entropy >= cut) & valid
+    if mode == "topk":
+        if k is None or k < 1:
+            raise ValueError(f"fork_mask(mode='topk') needs k >= 1, got {k}")
+        if entropy.shape[-1] == 0:
+            return valid.clone()
+        masked = entropy.float().masked_fill(~valid, float("-inf"))
+        idx = masked.topk(min(k, entropy.shape[-1]), dim=-1).indices
+        picked = torch.zeros_like(valid).scatter(-1, idx, True)
+        # A sequence with fewer than k completion tokens picks some -inf slots: drop them.
+        return picked & valid
+    if mode == "all":
+        return valid.clone()
+    if mode == "random":
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"fork_mask(mode='random') needs reference in {REFERENCE_MODES}, got {reference!r}")
+        matched = fork_mask(entropy, completion_mask, mode=reference, tau=tau, quantile=quantile, k=k, gather=gather)
+        return random_positions(matched.sum(-1), valid, generator)
+    raise ValueError(f"unknown gate mode {mode!r}; expected one of {GATE_MODES}")
+
+
+def random_positions(counts: torch.Tensor, completion_mask: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """counts[b] completion positions of row b, drawn uniformly without replacement.
+
+    Args:
+        counts: (B,) how many positions per row (at most the row's completion length).
+        completion_mask: (B, C) the positions that may be drawn.
+
+    Returns:
+        (B, C) bool with exactly counts[b] True in row b, all inside ``completion_mask``.
+    """
+    valid = completion_mask.bool()
+    keys = torch.rand(valid.shape, generator=generator).to(valid.device)
+    keys = keys.masked_fill(~valid, -1.0)  # positions that may not be drawn sort last
+    order = keys.argsort(dim=-1, descending=True)
+    rank = order.argsort(dim=-1)  # rank of each position in its row's random order
+    return (rank < counts.unsqueeze(-1)) & valid
+
+
+def gate_mask(gate: Any, entropy: torch.Tensor, completion_mask: torch.Tensor, *,
+              gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`fork_mask` with the settings of a gate config (its mode, tau, quantile, k, reference).
+
+    Args:
+        gate: any object with those attributes (the ``gate`` config section).
+        entropy, completion_mask: (B, C), as in :func:`fork_mask`.
+
+    Returns:
+        (B, C) bool.
+    """
+    return fork_mask(entropy, completion_mask, mode=gate.mode, tau=gate.tau, quantile=gate.quantile, k=gate.k,
+                     reference=gate.reference, gather=gather, generator=generator)

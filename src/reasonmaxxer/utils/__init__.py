@@ -1,0 +1,2 @@
+"""Plumbing every layer uses: atomic files and JSONL (:mod:`.storage`), processes (:mod:`.distributed`),
+batch packing (:mod:`.sequences`)."""
