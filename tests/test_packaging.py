@@ -11,8 +11,9 @@ import ast
 import importlib.metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where the user opted in, and declared as an extra, not a dependency.

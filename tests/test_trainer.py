@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +289,29 @@ def test_log_turns_metric_tensors_into_step_means(tiny_model_dir, tmp_path):
     for key in ("kl_term", "fork_fraction", "forks", "base_entropy_forks"):
         assert isinstance(logged[key], float) and logged[key] == pytest.approx(expected[key], rel=1e-6), key
     assert trainer._metrics["train"] == {}
+
+
+def test_compute_loss_syncs_with_the_device_once(tiny_model_dir, tmp_path, monkeypatch):
+    """Our code syncs with the device once per micro-batch (the finiteness check); statistics stay on it.
+
+    Every way a tensor's value reaches Python (item, tolist, bool, float, int) from
+    ReasonMaxxer's own code is counted (transformers' attention-mask checks inside the
+    model's forward are not ours to remove).
+    """
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.tau", "1.0"])
+    _perturb_lora(trainer.model)
+    trainer.model.train()
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}reasonmaxxer{os.sep}" in caller:
+                reads.append((_name, Path(caller).name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    trainer.compute_loss(trainer.model, dict(batch))
+    monkeypatch.undo()
+    assert reads == [("__bool__", "trainer.py")], reads

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+
 from reasonmaxxer.core.gate import fork_mask, quantile_threshold
 from reasonmaxxer.stages.trainer import gather_across_processes
 
