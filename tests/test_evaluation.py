@@ -115,6 +115,10 @@ def test_eval_writes_every_output(trained_run, tiny_model_dir, tmp_path, capsys)
         assert {"pass_at_1", "pass_at_2", "greedy_accuracy", "n"} <= set(accuracy[who])
         assert accuracy[who]["n"] == 4
     assert set(accuracy["delta_pass_at_1"]) >= {"mean", "ci95"}
+    # The run's own adapter was evaluated: its model card now carries the results.
+    card = (trained_run / "adapter" / "README.md").read_text()
+    base_p1, adapter_p1 = accuracy["base"]["pass_at_1"], accuracy["adapter"]["pass_at_1"]
+    assert f"| pass@1 | {base_p1:.4g} | {adapter_p1:.4g} |" in card and "Not evaluated yet" not in card
     for name in ("report.md", "entropy_hist.png", "movement_by_entropy.png", "shift_classes.png", "forks.html"):
         assert (out / name).stat().st_size > 0, name
     page = (out / "forks.html").read_text()

@@ -315,3 +315,27 @@ def test_compute_loss_syncs_with_the_device_once(tiny_model_dir, tmp_path, monke
     trainer.compute_loss(trainer.model, dict(batch))
     monkeypatch.undo()
     assert reads == [("__bool__", "trainer.py")], reads
+
+
+@pytest.mark.parametrize("overrides, repo", [
+    ([], "my-run"),
+    (["--tracking.run_name", "named"], "named"),
+    (["--tracking.run_name", "named", "--training.hub_model_id", "org/chosen"], "org/chosen"),
+])
+def test_push_to_hub_goes_to_the_runs_repo_not_checkpoints(tiny_model_dir, tmp_path, overrides, repo):
+    run = tmp_path / "my-run"
+    trainer, _, _ = _trainer(tiny_model_dir, tmp_path, ["--output_dir", str(run), "--training.push_to_hub", "true",
+                                                        *overrides])
+    assert trainer.args.hub_model_id == repo
+    # The Trainer would upload checkpoints/ at every save: train_adapter pushes adapter/ with its card instead.
+    assert trainer.args.push_to_hub is False
+
+
+def test_trl_card_in_checkpoints_names_the_base_and_the_run(tiny_model_dir, tmp_path):
+    trainer, _, _ = _trainer(tiny_model_dir, tmp_path, ["--output_dir", str(tmp_path / "my-run"),
+                                                        "--model.name_or_path", str(tiny_model_dir)])
+    trainer.create_model_card(model_name="my-run")
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "[None]" not in card and "None" not in card.split("## Quick start")[1].split("```")[1]
+    assert f"fine-tuned version of [{tiny_model_dir.name}]" in card and 'model="my-run"' in card
+    assert trainer.model.config._name_or_path == str(tiny_model_dir)  # restored after writing

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,12 +21,31 @@ def _fail(err: UserError) -> int:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The options both entry points share; every other --section.key is a config override."""
-    parser = argparse.ArgumentParser(prog=prog, description=description + " Any config key can be overridden as "
-                                     "--section.key value or --section.key=value.")
+    """The options both entry points share; every other --section.key is a config override.
+
+    The epilog lists every config key (type, default, help) from the schema.
+    """
+    from .config.reference import config_reference
+
+    text = description + " Any config key can be overridden as --section.key value or --section.key=value."
+    parser = argparse.ArgumentParser(prog=prog, description=textwrap.fill(text, width=100),
+                                     epilog=config_reference(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config (default: the built-in defaults)")
+    parser.add_argument("--print_config", action="store_true",
+                        help="print the resolved config (file + overrides + defaults) as YAML and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _print_config(cfg) -> int:
+    """The resolved config as YAML that ``--config`` reads back to the same config (secrets redacted)."""
+    import yaml
+
+    from .tracking import redact
+
+    print(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False), end="")
+    return 0
 
 
 def _setup_logging() -> None:
@@ -46,12 +66,19 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo the stages of output_dir that were made with other settings (deletes their outputs)")
     parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
+    parser.add_argument("--merge", action="store_true",
+                        help="after training (finished stages are skipped), write the base with the adapter merged "
+                             "in to <output_dir>/merged/ (safetensors + tokenizer, loads without PEFT)")
     args, overrides = parser.parse_known_args(argv)
     _setup_logging()
     try:
         from .config import load_config
 
         start = time.perf_counter()
+        if args.print_config:
+            return _print_config(load_config(args.config, overrides))
+        if args.merge and args.sweep:
+            raise UserError("--merge merges one run's adapter; run it on a sweep point's folder instead of --sweep")
         if args.sweep and dist.world_size() > 1:
             raise UserError("--sweep runs its points one after another in one process; launch it with "
                             "`python train.py`, not torchrun (each point can still use every GPU it sees)")
@@ -78,8 +105,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             print(f"\nsweep point in {point_dir}: delta pass@1 {row['delta_pass_at_1']}, kl_ratio {row['kl_ratio']}")
             return 0
         from .pipeline import Pipeline, summary_table
+        from .stages.export import merge_adapter, trained_adapter_dir
 
+        if args.merge and args.stage not in (None, "training"):
+            trained_adapter_dir(Path(cfg.output_dir))  # refuse before the stage runs: nothing would be merged
         results = Pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite).run(only=args.stage)
+        merged = merge_adapter(cfg, Path(cfg.output_dir)) if args.merge and dist.is_main() else None
     except UserError as err:
         return _fail(err)
     except KeyboardInterrupt:
@@ -89,6 +120,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"\nReasonMaxxer run in {cfg.output_dir} ({time.perf_counter() - start:.1f} s, "
               f"{dist.world_size()} process{'es' if dist.world_size() > 1 else ''})")
         print(summary_table(results))
+        if merged is not None:
+            print(f"merged model (base + adapter, loads without PEFT): {merged}/")
     return 0
 
 
@@ -109,6 +142,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     try:
         from .config import load_config
 
+        if args.print_config:
+            cfg = load_config(args.config, overrides)
+            if args.run_dir:
+                cfg.output_dir = args.run_dir
+            return _print_config(cfg)
         if dist.world_size() > 1:
             raise UserError("eval.py runs in one process; start it with `python eval.py`, not torchrun")
         cfg = load_config(args.config, overrides)

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("problems", "rollouts", "scoring", "selection", "training")
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "problems": ("problems.jsonl",), "rollouts": ("rollouts.jsonl",), "scoring": ("scores",),
-    "selection": ("selection.jsonl",), "training": ("checkpoints", "adapter", "train_log.json"),
+    "selection": ("selection.jsonl",), "training": ("checkpoints", "adapter", "train_log.json", "merged"),
 }
 """What each stage writes under the run folder (cleared when its settings change)."""
 
@@ -282,7 +282,7 @@ class Pipeline:
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
             entropy_temperature=self.cfg.entropy_temperature, progress=self.progress,
         )
-        return train_adapter(trainer, self.run_dir)
+        return train_adapter(trainer, self.run_dir, self.cfg)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], *, show: int = 3) -> str:

@@ -26,6 +26,7 @@ from ..core.gate import gate_mask
 from ..data.problem import Problem, read_split
 from ..data.sources import load_problems
 from ..errors import ConfigError, DataError
+from ..stages.model_card import write_model_card
 from ..stages.rollouts import run_rollouts
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json, fingerprint, read_json, read_jsonl_cut_torn_tail
@@ -269,6 +270,9 @@ def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, prog
     top = most_moved(pos, moved_on, tokenizer, cfg.eval.top_positions)
     write_report(out, movement=movement, accuracy=accuracy, positions=pos, rollouts=moved_on, tokenizer=tokenizer,
                  top=top)
+    run_dir = Path(cfg.output_dir)
+    if adapter_path.resolve() == (run_dir / "adapter").resolve():  # the run's own adapter: its card gets the results
+        write_model_card(cfg, run_dir, eval_dir=out)
     timings["total_s"] = time.perf_counter() - start
 
     if tracker is not None:

@@ -31,6 +31,7 @@ from ..errors import TrainingDivergedError
 from ..models.forward import completion_logits
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json
+from .model_card import base_model_hub_id, hub_repo_id, push_adapter, run_name, write_model_card
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
@@ -91,14 +92,33 @@ class ForkGatedTrainer(SFTTrainer):
     """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
 
     def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
-                 **kwargs: Any):
+                 base_model_name: str | None = None, **kwargs: Any):
         self.gate = gate
+        self.base_model_name = base_model_name
         self.loss_cfg = loss_cfg
         self.entropy_temperature = entropy_temperature
         super().__init__(*args, **kwargs)
         # compute_loss returns a per-micro-batch mean (normalised by its own fork and
         # non-fork counts), so the Trainer must divide by the accumulation steps itself.
         self.loss_is_scaled_for_ga = False
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card for ``checkpoints/``, naming the base model and the hub repo.
+
+        TRL reads the base from the model config's ``_name_or_path`` and drops it when that
+        is a local folder (the embedded default is one), which renders "a fine-tuned
+        version of [None]"; it names the base ``base_model_name`` instead while it writes.
+        """
+        config = self.accelerator.unwrap_model(self.model).config
+        saved = config._name_or_path
+        if self.base_model_name:
+            config._name_or_path = self.base_model_name
+        if self.hub_model_id is None:  # set by the Trainer only when it pushes, which it does not here
+            self.hub_model_id = self.args.hub_model_id
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            config._name_or_path = saved
 
     def _gate_generator(self) -> torch.Generator:
         """Seeded by (seed, process, step, micro-batch): a resumed run draws the same positions."""
@@ -260,12 +280,16 @@ def build_trainer(
     args = SFTConfig(
         output_dir=str(output_dir),
         report_to=report_to,
-        run_name=cfg.tracking.run_name or output_dir.parent.name,
+        run_name=run_name(cfg),
         seed=cfg.seed,
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
-        **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **cfg.training},
+        **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **cfg.training,
+           # The repo is the run's (the Trainer's default is its output folder's name, "checkpoints"), and
+           # train_adapter pushes the adapter folder with its card, so the Trainer itself never pushes
+           # (it would upload checkpoints/ at every save).
+           "hub_model_id": hub_repo_id(cfg), "push_to_hub": False},
     )
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
@@ -275,27 +299,34 @@ def build_trainer(
         data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
         processing_class=tokenizer, peft_config=lora,
         gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
+        base_model_name=base_model_hub_id(cfg.model.name_or_path) or Path(cfg.model.name_or_path).name,
         callbacks=[FiniteAdapterCheck()],
     )
 
 
-def train_adapter(trainer: ForkGatedTrainer, run_dir: Path) -> dict[str, Any]:
+def train_adapter(trainer: ForkGatedTrainer, run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Train, resuming from the last checkpoint in ``run_dir/checkpoints``; save the adapter.
 
-    Writes ``adapter/`` (PEFT format) and ``train_log.json`` (the Trainer's log history).
+    Writes ``adapter/`` (PEFT format, with its model card) and ``train_log.json`` (the
+    Trainer's log history); with ``training.push_to_hub`` uploads the adapter folder.
     """
     resume = last_complete_checkpoint(run_dir / "checkpoints")
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(run_dir / "adapter"))
     history = trainer.state.log_history
+    pushed_to = None
     if trainer.is_world_process_zero():
         atomic_write_json(run_dir / "train_log.json", history)
+        write_model_card(cfg, run_dir)  # replaces PEFT's placeholder README.md
+        if cfg.training.get("push_to_hub"):
+            pushed_to = push_adapter(cfg, run_dir)
     last = next((h for h in reversed(history) if "fork_fraction" in h), {})
     return {
         "examples": len(trainer.train_dataset),
         "steps": trainer.state.global_step,
         "resumed_from": resume.rsplit("-", 1)[-1] if resume else None,
         "train_loss": result.training_loss,
+        **({"pushed_to": pushed_to} if pushed_to else {}),
         **{k: last[k] for k in ("fork_fraction", "fork_term", "kl_term", "dlogp_pos_forks", "dlogp_neg_forks")
            if k in last},
     }
