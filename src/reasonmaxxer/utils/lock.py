@@ -138,10 +138,15 @@ def hold_folder(folder: str | Path, *, name: str = LOCK_NAME, what: str | None =
     Not re-entrant: one process takes a folder once.
     """
     folder = Path(folder)
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     what = what or f"output_dir: '{folder}'"
-    fh = _acquire(path, what)
+    try:
+        fh = _acquire(path, what)
+    except FolderInUseError:
+        _remove_if_empty(created)
+        raise
     try:
         previous = _read_holder(fh)
         if previous:
@@ -157,6 +162,16 @@ def hold_folder(folder: str | Path, *, name: str = LOCK_NAME, what: str | None =
             if _same_file(fh, path):
                 path.unlink()  # removed while still locked, so no one can take the old file
         fh.close()
+        _remove_if_empty(created)  # a run stopped by a bad input leaves no empty folder behind
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the folders this lock created (deepest first) where nothing else was written."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or gone): the run wrote there
+            return
 
 
 @contextlib.contextmanager
