@@ -13,3 +13,50 @@ def give_mixed_rewards(rollouts_path: str | Path) -> None:
     for r in rows:
         r["reward"] = float(r["sample"] % 2 == 0)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def wandb_records(run_file: str | Path) -> list:
+    """The records of an offline run's ``.wandb`` file (``wandb_internal_pb2.Record``s).
+
+    wandb 0.31 ships no reader for it, and no ``wandb-summary.json`` for an offline run. The
+    file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB
+    blocks of chunks, each ``crc32 (4) | length (2, little endian) | type (1) | data``; type
+    1 is a whole record, 2/3/4 the first/middle/last piece of one. A block's tail shorter
+    than a chunk header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", "not a .wandb file"
+    block, pos, pieces, records = 32 * 1024, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # zero-filled tail
+            break
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def wandb_summary_and_history(run_file: str | Path) -> tuple[dict, list[dict]]:
+    """The final summary and the logged history rows of an offline run (values JSON-decoded)."""
+    def key(item) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    summary: dict = {}
+    history: list[dict] = []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update({key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "history":
+            history.append({key(i): json.loads(i.value_json) for i in record.history.item})
+    return summary, history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -158,15 +159,38 @@ def test_local_sweep_reuses_rollouts_and_resumes(tiny_model_dir, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_wandb_agent_point_runs_in_its_own_folder(tiny_model_dir, tmp_path, monkeypatch, mixed_verify):
+def test_wandb_agent_point_runs_in_its_own_folder_and_logs_to_wandb(tiny_model_dir, tmp_path, monkeypatch,
+                                                                     mixed_verify, caplog):
+    from helpers import wandb_records, wandb_summary_and_history
+
     from reasonmaxxer.cli import train_main
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    # tracking.report_to stays at its default, none, as in the demo config the shipped sweeps use.
     args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--eval.num_samples", "2", "--eval.bootstrap", "100",
             "--eval.movement_rollouts", "4", "--gate.mode=topk", "--gate.k=2"]
-    assert train_main(args) == 0
+    with caplog.at_level(logging.INFO, logger="reasonmaxxer.sweep"):
+        assert train_main(args) == 0
+    assert len([r for r in caplog.records if "tracking switched on" in r.getMessage()]) == 1
     points = list((tmp_path / "run" / "sweeps" / "abc123").iterdir())
     assert len(points) == 1 and "gate.k=2" in points[0].name
     assert (points[0] / "adapter" / "adapter_config.json").exists()
     assert (points[0] / "accuracy.json").exists()
     assert (tmp_path / "run" / "rollouts.jsonl").exists()  # shared stages live in the base run
+    assert not list((tmp_path / "run").glob("wandb"))  # the agent's one W&B run is the point's
+
+    # The point's offline W&B run: part of the sweep, with the sweep's metric and the Trainer's logs.
+    (run_file,) = (points[0] / "wandb").glob("offline-run-*/run-*.wandb")
+    (run_record,) = [r.run for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
+    assert run_record.sweep_id == "abc123"
+    summary, history = wandb_summary_and_history(run_file)
+    metrics = {load_sweep(path).metric["name"] for path in (ROOT / "configs" / "sweeps").glob("*.yaml")}
+    accuracy = json.loads((points[0] / "accuracy.json").read_text())
+    for metric in metrics:  # accuracy/delta_pass_at_1
+        assert summary[metric] == pytest.approx(accuracy["delta_pass_at_1"]["mean"])
+    train_log = json.loads((points[0] / "train_log.json").read_text())
+    logged_losses = [h["train/loss"] for h in history if "train/loss" in h]
+    assert len(logged_losses) == 3  # training.max_steps with logging_steps 1
+    assert logged_losses == pytest.approx([h["loss"] for h in train_log if "loss" in h])

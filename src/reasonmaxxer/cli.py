@@ -96,21 +96,21 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if point_dir is not None and dist.world_size() > 1:
             raise UserError("a `wandb agent` sweep point runs in one process; start the agent without torchrun")
         if point_dir is not None:  # one point of a `wandb agent` sweep: train and evaluate it
-            from .sweep import ensure_shared_stages, run_point
+            from .sweep import agent_point_config, ensure_shared_stages, run_point
 
-            ensure_shared_stages(cfg, not args.no_progress)
-            base_dir = Path(cfg.output_dir)
-            cfg.output_dir = str(point_dir)
-            row = run_point({}, cfg, base_dir, not args.no_progress)
+            ensure_shared_stages(cfg, not args.no_progress, tracked=False)  # the agent's one run is the point's
+            row = run_point({}, agent_point_config(cfg, point_dir), Path(cfg.output_dir), not args.no_progress)
             print(f"\nsweep point in {point_dir}: delta pass@1 {row['delta_pass_at_1']}, kl_ratio {row['kl_ratio']}")
             return 0
         from .pipeline import Pipeline, summary_table
         from .stages.export import merge_adapter, trained_adapter_dir
+        from .utils.lock import hold_run_folder
 
         if args.merge and args.stage not in (None, "training"):
             trained_adapter_dir(Path(cfg.output_dir))  # refuse before the stage runs: nothing would be merged
-        results = Pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite).run(only=args.stage)
-        merged = merge_adapter(cfg, Path(cfg.output_dir)) if args.merge and dist.is_main() else None
+        with hold_run_folder(cfg.output_dir):  # one job per folder (a requeued job while the first still runs)
+            results = Pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite).run(only=args.stage)
+            merged = merge_adapter(cfg, Path(cfg.output_dir)) if args.merge and dist.is_main() else None
     except UserError as err:
         return _fail(err)
     except KeyboardInterrupt:
@@ -153,15 +153,20 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         if args.run_dir:
             cfg.output_dir = args.run_dir
         from .evaluation.runner import run_eval
+        from .utils.lock import EVAL_LOCK_NAME, hold_folder
 
         run_dir = Path(cfg.output_dir)
-        result = run_eval(
-            cfg,
-            adapter_path=Path(args.adapter) if args.adapter else run_dir / "adapter",
-            base_path=args.base or cfg.model.name_or_path,
-            out=Path(args.eval_dir) if args.eval_dir else run_dir,
-            progress=not args.no_progress,
-        )
+        out = Path(args.eval_dir) if args.eval_dir else run_dir
+        # Its own lock, not training's: eval beside a running training job is fine (it writes
+        # other files), two evals into one folder are not.
+        with hold_folder(out, name=EVAL_LOCK_NAME, what=f"eval folder '{out}'"):
+            result = run_eval(
+                cfg,
+                adapter_path=Path(args.adapter) if args.adapter else run_dir / "adapter",
+                base_path=args.base or cfg.model.name_or_path,
+                out=out,
+                progress=not args.no_progress,
+            )
     except UserError as err:
         return _fail(err)
     except KeyboardInterrupt:

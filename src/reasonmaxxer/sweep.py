@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -25,7 +26,10 @@ import numpy as np
 
 from .config import Config, load_config, read_yaml
 from .errors import ConfigError
+from .utils.lock import hold_folder
 from .utils.storage import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
 
 GRID_KINDS = ("values", "value", "int_uniform", "q_uniform")
 SHARED_STAGES = ("problems", "rollouts", "scoring", "selection")
@@ -133,18 +137,29 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_shared_stages(base_cfg: Config, progress: bool) -> None:
-    """Run problems -> selection once in the base run folder (no-op when they are done)."""
-    from .pipeline import Pipeline
+def ensure_shared_stages(base_cfg: Config, progress: bool, *, tracked: bool = True) -> None:
+    """Run problems -> selection once in the base run folder (no-op when they are done).
 
+    Parallel agents wait for each other here; the base folder is held (:func:`hold_folder`)
+    while its stages run. ``tracked=False`` keeps them out of W&B (under ``wandb agent`` the
+    process's one W&B run belongs to the point).
+    """
     base_dir = Path(base_cfg.output_dir)
-    with _locked(base_dir / ".sweep.lock"):
-        pipeline = Pipeline(base_cfg, progress=progress)
-        fps = pipeline.fingerprints()
-        states = [pipeline.state(s) for s in SHARED_STAGES]
-        if any(st is not None and st.get("fingerprint") != fps[s] for s, st in zip(SHARED_STAGES, states)):
-            return  # the base holds stages made with other settings: never overwrite them
-        pipeline.run(stages=SHARED_STAGES)
+    with _locked(base_dir / ".sweep.lock"), hold_folder(base_dir):
+        _run_shared_stages(base_cfg, progress, tracked=tracked)
+
+
+def _run_shared_stages(base_cfg: Config, progress: bool, *, tracked: bool = True) -> None:
+    from .pipeline import Pipeline
+    from .tracking import Tracker
+
+    pipeline = Pipeline(base_cfg, progress=progress)
+    fps = pipeline.fingerprints()
+    states = [pipeline.state(s) for s in SHARED_STAGES]
+    if any(st is not None and st.get("fingerprint") != fps[s] for s, st in zip(SHARED_STAGES, states)):
+        return  # the base holds stages made with other settings: never overwrite them
+    untracked = None if tracked else Tracker(base_cfg, pipeline.run_dir, enabled=False)
+    pipeline.run(stages=SHARED_STAGES, tracker=untracked)
 
 
 def link_shared_stages(base_dir: Path, point_cfg: Config) -> list[str]:
@@ -218,17 +233,18 @@ def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool
     from .tracking import Tracker
 
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    link_shared_stages(base_dir, cfg)
-    tracker = Tracker(cfg, run_dir)
-    try:
-        results = Pipeline(cfg, progress=progress).run(tracker=tracker)
-        train_seconds = next(r.seconds for r in results if r.name == "training")
-        evaluated = run_eval(cfg, adapter_path=run_dir / "adapter", base_path=cfg.model.name_or_path, out=run_dir,
-                             progress=progress, tracker=tracker, base_samples_dir=base_dir / "eval_samples")
-        row = point_row(point, run_dir, evaluated["movement"], evaluated["accuracy"], train_seconds)
-    finally:
-        tracker.finish()
+    with hold_folder(run_dir):  # two agents handed the same point: the second one stops here
+        link_shared_stages(base_dir, cfg)
+        tracker = Tracker(cfg, run_dir)
+        try:
+            results = Pipeline(cfg, progress=progress).run(tracker=tracker)
+            train_seconds = next(r.seconds for r in results if r.name == "training")
+            evaluated = run_eval(cfg, adapter_path=run_dir / "adapter", base_path=cfg.model.name_or_path,
+                                 out=run_dir, progress=progress, tracker=tracker,
+                                 base_samples_dir=base_dir / "eval_samples")
+            row = point_row(point, run_dir, evaluated["movement"], evaluated["accuracy"], train_seconds)
+        finally:
+            tracker.finish()
     return row
 
 
@@ -240,10 +256,34 @@ def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, pr
     points = sweep_configs(config_path, overrides, spec)  # validates every point first
     base_cfg = load_config(config_path, overrides)
     base_dir = Path(base_cfg.output_dir)
-    sweep_dir = base_dir / "sweeps" / spec.name
-    ensure_shared_stages(base_cfg, progress)
+    # One process runs the whole sweep: it holds the base folder throughout (its points
+    # read the shared stages and write the base's eval samples), so agents and other jobs
+    # on this folder are refused meanwhile.
+    with hold_folder(base_dir):
+        _run_shared_stages(base_cfg, progress)
+        rows = _run_points(spec, points, base_dir, progress)
+        sweep_dir = base_dir / "sweeps" / spec.name
+        atomic_write_json(sweep_dir / "ablation.json", rows)
+        write_ablation(sweep_dir, spec.name, rows)
+    if base_cfg.tracking.report_to == "wandb":
+        from .tracking import Tracker
+
+        summary_cfg = dataclasses.replace(base_cfg, tracking=dataclasses.replace(
+            base_cfg.tracking, run_name=f"{spec.name}-ablation", group=base_cfg.tracking.group or spec.name))
+        tracker = Tracker(summary_cfg, sweep_dir)
+        try:
+            tracker.log_table("ablation", rows)
+        finally:
+            tracker.finish()
+    return sweep_dir
+
+
+def _run_points(spec: SweepSpec, points: list[tuple[dict[str, Any], Config]], base_dir: Path,
+                progress: bool) -> list[dict[str, Any]]:
+    """Train and evaluate every point not done yet; the rows of all of them, in grid order."""
     from .pipeline import Pipeline
 
+    sweep_dir = base_dir / "sweeps" / spec.name
     rows = []
     trained: dict[str, dict[str, Any]] = {}  # training fingerprint -> row: identical points train once
     for i, (point, cfg) in enumerate(points, 1):
@@ -265,19 +305,7 @@ def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, pr
         atomic_write_json(done, row)
         rows.append(row)
         trained[key] = row
-    atomic_write_json(sweep_dir / "ablation.json", rows)
-    write_ablation(sweep_dir, spec.name, rows)
-    if base_cfg.tracking.report_to == "wandb":
-        from .tracking import Tracker
-
-        summary_cfg = dataclasses.replace(base_cfg, tracking=dataclasses.replace(
-            base_cfg.tracking, run_name=f"{spec.name}-ablation", group=base_cfg.tracking.group or spec.name))
-        tracker = Tracker(summary_cfg, sweep_dir)
-        try:
-            tracker.log_table("ablation", rows)
-        finally:
-            tracker.finish()
-    return sweep_dir
+    return rows
 
 
 def agent_run_dir(cfg: Config, overrides: list[str]) -> Path | None:
@@ -288,4 +316,19 @@ def agent_run_dir(cfg: Config, overrides: list[str]) -> Path | None:
     dotted = [o for o in overrides if o.startswith("--") and "." in o.split("=", 1)[0]]
     slug = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", ",".join(sorted(o.lstrip("-") for o in dotted)))[:180] or "default"
     return Path(cfg.output_dir) / "sweeps" / re.sub(r"[^A-Za-z0-9_.-]+", "-", sweep_id) / slug
+
+
+def agent_point_config(base_cfg: Config, point_dir: Path) -> Config:
+    """The config a ``wandb agent`` point trains with: its own folder, and W&B tracking on.
+
+    The agent waits for the sweep's metric in the run's summary, so the point logs to W&B
+    whatever ``tracking.report_to`` says (the shipped sweeps point at a config with ``none``).
+    """
+    tracking = base_cfg.tracking
+    if tracking.report_to != "wandb":
+        logger.info("wandb agent (WANDB_SWEEP_ID=%s): tracking switched on for this point "
+                    "(tracking.report_to was '%s'), so its metrics reach the sweep",
+                    os.environ.get("WANDB_SWEEP_ID"), tracking.report_to)
+        tracking = dataclasses.replace(tracking, report_to="wandb")
+    return dataclasses.replace(base_cfg, output_dir=str(point_dir), tracking=tracking)
 
