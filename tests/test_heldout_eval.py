@@ -110,7 +110,14 @@ def test_training_logs_heldout_pass_at_1_without_changing_training(tiny_model_di
     def args(run, *extra):
         return tiny_run_args(tiny_model_dir, run, "--training.max_steps", "5", "--eval.num_samples", "3", *extra)
 
-    assert train_main(args(with_eval, "--eval.every_steps", "2")) == 0
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert train_main(args(with_eval, "--eval.every_steps", "2", "--tracking.report_to", "wandb")) == 0
+    # W&B gets them in the eval section of the same run (the Trainer maps eval_x to eval/x).
+    record = next(sorted((with_eval / "wandb").glob("offline-run-*"))[-1].glob("run-*.wandb")).read_bytes()
+    for key in ("eval/pass_at_1", "eval/mean_completion_tokens", "eval/seconds", "train/fork_fraction"):
+        assert key.encode() in record, key
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     log = _train_log(with_eval)
     evals = {h["step"]: h for h in log if "eval_pass_at_1" in h}
     assert sorted(evals) == [0, 2, 4, 5]  # before training, every 2 steps, and the last step
