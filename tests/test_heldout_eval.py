@@ -158,3 +158,28 @@ def test_training_logs_heldout_pass_at_1_without_changing_training(tiny_model_di
         assert len(found) == len(problems) == 4
         expected = sum(sum(p["rewards"]) / len(p["rewards"]) for p in found.values()) / len(found)
         assert evals[step]["eval_pass_at_1"] == pytest.approx(expected), step
+
+
+def test_sharded_weights_are_named(tmp_path, monkeypatch):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    assert heldout_eval.sharded_weights({}) is None
+    assert heldout_eval.sharded_weights({"fsdp": "full_shard"}) == "FSDP"
+    zero3 = tmp_path / "ds.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert heldout_eval.sharded_weights({"deepspeed": str(zero3)}) == "DeepSpeed ZeRO-3"
+    assert heldout_eval.sharded_weights({"deepspeed": {"zero_optimization": {"stage": 2}}}) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert heldout_eval.sharded_weights({}) is None
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert heldout_eval.sharded_weights({}) == "DeepSpeed ZeRO-3"
+
+
+def test_evaluation_with_sharded_weights_stops_before_any_work(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    run = tmp_path / "run"
+    assert train_main(tiny_run_args(tiny_model_dir, run, "--eval.every_steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: eval.every_steps: ") and "FSDP" in err
+    assert not (run / "problems.jsonl").exists()

@@ -125,6 +125,12 @@ class Pipeline:
             from .stages.vllm_backend import require_vllm
 
             require_vllm()
+        if only in (None, "training") and self.cfg.eval.every_steps:
+            from .stages.heldout_eval import sharded_weights
+
+            if (sharded := sharded_weights(self.cfg.training)) is not None:
+                raise ConfigError(f"eval.every_steps: evaluation during training samples with the whole model in each "
+                                  f"process, which {sharded} shards; set eval.every_steps: 0 and run eval.py after")
         fps = self.fingerprints()
         self._refuse_other_config(fps, [s for s in stages if only is None or s == only])
         dist.init()

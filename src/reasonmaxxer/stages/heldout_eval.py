@@ -19,13 +19,18 @@ unmerging is not bit-exact), and the train mode is restored afterwards.
 With several processes the problems' batches are split across processes (batch ``b`` on
 process ``b mod n``, each batch with its own seed, as the rollout stage does) and the
 results gathered, so every process logs the same numbers and they do not depend on the
-number of processes.
+number of processes. That needs every process to hold the whole model: with FSDP or
+DeepSpeed ZeRO-3 (sharded weights, a collective in every forward) it is refused before
+any work (:func:`sharded_weights`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +41,28 @@ from ..data.problem import Problem
 from ..data.rewards import verify
 from ..utils import distributed as dist
 from .sampling import chat_prompt_ids, eos_token_ids, generate_batch
+
+
+def sharded_weights(training: dict[str, Any]) -> str | None:
+    """What shards the weights over processes in this launch (FSDP, ZeRO-3), or None.
+
+    Read from ``accelerate launch``'s environment and the ``training`` section's
+    ``fsdp``/``deepspeed`` arguments.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or training.get("fsdp"):
+        return "FSDP"
+    stage = None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    deepspeed = training.get("deepspeed")
+    if isinstance(deepspeed, str) and Path(deepspeed).is_file():
+        try:
+            deepspeed = json.loads(Path(deepspeed).read_text())
+        except ValueError:
+            deepspeed = None
+    if isinstance(deepspeed, dict):
+        stage = (deepspeed.get("zero_optimization") or {}).get("stage", stage)
+    return "DeepSpeed ZeRO-3" if str(stage) == "3" else None
 
 
 def pass_at_1(rewards_by_problem: Sequence[Sequence[float]]) -> float:
