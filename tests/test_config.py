@@ -63,6 +63,13 @@ def test_int_widens_to_float_but_not_the_reverse():
                                            "(did you mean 'learning_rate'?)"),
         (["--training.learning_rate", "abc"], "training.learning_rate: expected a number, got 'abc'"),
         (["--training.output_dir", "x"], "training.output_dir: set by ReasonMaxxer"),
+        (["--training.eval_strategy", "steps"], "training.eval_strategy: 'steps' asks for the Trainer's evaluation"),
+        (["--training.eval_steps", "5"], "training.eval_steps: 5 asks for the Trainer's evaluation"),
+        (["--training.do_eval", "true"], "training.do_eval: True asks for the Trainer's evaluation"),
+        (["--eval.every_steps", "-1"], "eval.every_steps: must be >= 0, got -1"),
+        (["--eval.during_training_problems", "0"], "eval.during_training_problems: must be >= 1, got 0"),
+        (["--eval.every_steps", "2", "--data.num_heldout", "0"],
+         "data.num_heldout: must be >= 1 with eval.every_steps > 0, got 0"),
         (["--data.kinds", "[add, div]"], "data.kinds: must be among"),
         (["--data.source", "file"], "data.path: is required with data.source: file"),
         (["--data.prompt_template", "no placeholder"], "data.prompt_template: must contain '{question}'"),
@@ -77,6 +84,25 @@ def test_bad_values_name_the_key(overrides, message):
     text = str(err.value)
     assert text.startswith(message), text
     assert "\n" not in text
+
+
+def test_trainer_evaluation_is_refused_before_any_work_and_points_to_eval_every_steps(tiny_model_dir, tmp_path,
+                                                                                       capsys):
+    from reasonmaxxer.testing import tiny_run_args
+
+    run = tmp_path / "run"
+    assert train_main(tiny_run_args(tiny_model_dir, run, "--training.eval_strategy", "steps")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: training.eval_strategy: 'steps'")
+    assert "use eval.every_steps: N" in err
+    assert not (run / "rollouts.jsonl").exists()
+
+
+def test_trainer_evaluation_off_is_accepted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  eval_strategy: no\n  do_eval: false\n")  # a bare `no` is YAML false
+    assert load_config(path).training["eval_strategy"] == "no"
+    assert load_config(None, ["--eval.every_steps", "4"]).eval.every_steps == 4
 
 
 def test_exact_anchor_allows_no_top_k():

@@ -77,8 +77,36 @@ def test_two_processes_split_rollouts_and_scoring_and_train(tiny_model_dir, tmp_
         assert (one / "scores" / name).read_bytes() == (two / "scores" / name).read_bytes()
 
     give_mixed_rewards(two / "rollouts.jsonl")
-    out = _torchrun(ROOT / "train.py", *tiny_run_args(tiny_model_dir, two, *extra))
+    evaluated = ("--eval.every_steps", "2", "--eval.num_samples", "3")
+    out = _torchrun(ROOT / "train.py", *tiny_run_args(tiny_model_dir, two, *extra, *evaluated))
     assert "2 processes" in out and out.count("ReasonMaxxer run in") == 1  # one report, from the main process
     state = json.loads((two / "stages" / "training.json").read_text())
     assert state["done"] and state["summary"]["steps"] == 3
     assert (two / "adapter" / "adapter_model.safetensors").exists()
+
+    # Held-out pass@1 during training: the problems split over both processes and gathered;
+    # before training (the base) it equals what one process measures.
+    log = json.loads((two / "train_log.json").read_text())
+    evals = {h["step"]: h for h in log if "eval_pass_at_1" in h}
+    assert sorted(evals) == [0, 2, 3]
+    assert evals[0]["eval_mean_completion_tokens"] == pytest.approx(_base_heldout_tokens(tiny_model_dir, two))
+
+
+def _base_heldout_tokens(model_dir: Path, run: Path) -> float:
+    """Mean completion tokens of the base on the run's held-out problems, at step 0's seed, in this process."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.data.problem import read_split
+    from reasonmaxxer.stages.heldout_eval import sample_heldout, step_seed
+
+    cfg = load_config(None, tiny_run_args(model_dir, run)[1:])
+    problems = read_split(run / "problems.jsonl", "heldout")[: cfg.eval.during_training_problems]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sampling = dataclasses.replace(cfg.rollout, num_samples=3, backend="fast")
+    found = sample_heldout(model, AutoTokenizer.from_pretrained(model_dir), problems, cfg.data, sampling,
+                           seed=step_seed(cfg.seed, 0))
+    tokens = [n for p in found.values() for n in p["tokens"]]
+    return sum(tokens) / len(tokens)

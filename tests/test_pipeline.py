@@ -97,6 +97,17 @@ def test_stage_alone_needs_its_inputs(tiny_model_dir, tmp_path, capsys):
     assert "stage 'rollouts' has not run with this config" in err and "\n" == err[-1] and err.count("\n") == 1
 
 
+def test_eval_settings_are_not_in_the_training_fingerprint():
+    """Evaluation during training changes what is logged, not the adapter: no retraining for it."""
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.pipeline import Pipeline
+
+    plain = Pipeline(load_config(None)).fingerprints()
+    evaluated = Pipeline(load_config(None, ["--eval.every_steps", "5", "--eval.during_training_problems", "3"]))
+    assert evaluated.fingerprints() == plain
+    assert Pipeline(load_config(None, ["--lora.r", "4"])).fingerprints()["training"] != plain["training"]
+
+
 def test_unknown_stage(tiny_model_dir, tmp_path, capsys):
     assert train_main(tiny_run_args(tiny_model_dir, tmp_path / "x", "--stage", "rolouts")) == 2
     assert "unknown stage 'rolouts'" in capsys.readouterr().err

@@ -125,6 +125,12 @@ class Pipeline:
             from .stages.vllm_backend import require_vllm
 
             require_vllm()
+        if only in (None, "training") and self.cfg.eval.every_steps:
+            from .stages.heldout_eval import sharded_weights
+
+            if (sharded := sharded_weights(self.cfg.training)) is not None:
+                raise ConfigError(f"eval.every_steps: evaluation during training samples with the whole model in each "
+                                  f"process, which {sharded} shards; set eval.every_steps: 0 and run eval.py after")
         fps = self.fingerprints()
         self._refuse_other_config(fps, [s for s in stages if only is None or s == only])
         dist.init()
@@ -276,11 +282,13 @@ class Pipeline:
         from .stages.trainer import build_trainer, train_adapter
 
         model, tokenizer = self.model_and_tokenizer()
+        # The eval section is not in the training fingerprint: it changes what is logged, not the adapter.
+        heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None
         trainer = build_trainer(
             self.cfg, model, tokenizer, self.rollouts(), read_jsonl_cut_torn_tail(self.path("selection.jsonl")),
             load_scores(self.path("scores")), self.path("checkpoints"),
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
-            entropy_temperature=self.cfg.entropy_temperature, progress=self.progress,
+            entropy_temperature=self.cfg.entropy_temperature, progress=self.progress, heldout=heldout,
         )
         return train_adapter(trainer, self.run_dir, self.cfg)
 

@@ -27,6 +27,10 @@ from .schema import SECTIONS, Config, training_defaults
 
 # Set by the pipeline, never by the user.
 _RESERVED_TRAINING_KEYS = {"output_dir", "report_to", "run_name", "seed", "remove_unused_columns", "dataset_kwargs"}
+# The Trainer's own evaluation needs an eval_dataset, which the pipeline has no use for:
+# these keys would fail only after rollouts and scoring. The value each may keep (off).
+_TRAINER_EVAL_KEYS: dict[str, Any] = {"eval_strategy": "no", "eval_steps": None, "do_eval": False,
+                                      "eval_on_start": False, "per_device_eval_batch_size": None}
 
 
 def _closest(name: str, options: typing.Iterable[str]) -> str:
@@ -104,6 +108,12 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
     return cls(**kwargs)
 
 
+def _is_off(key: str, value: Any) -> bool:
+    """Whether a Trainer evaluation key keeps evaluation off (YAML reads a bare `no` as false)."""
+    off = _TRAINER_EVAL_KEYS[key]
+    return value == off or (key == "eval_strategy" and value is False)
+
+
 def _validate_training(values: Any) -> dict[str, Any]:
     """Check the pass-through training arguments against TRL's SFTConfig fields."""
     if not isinstance(values, dict):
@@ -114,6 +124,13 @@ def _validate_training(values: Any) -> dict[str, Any]:
     for key, value in values.items():
         if key in _RESERVED_TRAINING_KEYS:
             raise ConfigError(f"training.{key}: set by ReasonMaxxer; use output_dir/seed/tracking instead")
+        if key in _TRAINER_EVAL_KEYS and not _is_off(key, value):
+            raise ConfigError(
+                f"training.{key}: {value!r} asks for the Trainer's evaluation, which has no eval dataset here; "
+                "use eval.every_steps: N (held-out pass@1 every N steps, logged as eval/pass_at_1) instead"
+            )
+        if key == "eval_strategy":
+            values = {**values, key: "no"}  # a bare YAML `no` reads as false
         if key not in fields:
             raise ConfigError(f"training.{key}: unknown key (not an SFTConfig field){_closest(str(key), fields)}")
         # TrainingArguments does not check types; check those with a scalar default.

@@ -254,9 +254,19 @@ class EvalConfig:
     greedy: bool = _help("Also measure greedy accuracy (one extra sample per problem and model).", default=True)
     bootstrap: int = _help("Bootstrap resamples for the confidence interval of delta pass@1.", default=2000)
     top_positions: int = _help("Most-moved positions kept for the W&B table and the report.", default=50)
+    every_steps: int = _help(
+        "During training: held-out pass@1 of the policy every this many optimizer steps (also at step 0 and the "
+        "last step), logged as eval/pass_at_1; 0: off.", default=0,
+    )
+    during_training_problems: int = _help(
+        "During training: the first this many held-out problems, eval.num_samples samples each.", default=16
+    )
 
     def validate(self) -> None:
         _need(self.num_samples >= 1, "eval.num_samples", self.num_samples, "must be >= 1")
+        _need(self.every_steps >= 0, "eval.every_steps", self.every_steps, "must be >= 0")
+        _need(self.during_training_problems >= 1, "eval.during_training_problems", self.during_training_problems,
+              "must be >= 1")
         m = self.max_problems
         _need(m is None or m >= 1, "eval.max_problems", m, "must be >= 1")
         _need(self.movement_rollouts >= 1, "eval.movement_rollouts", self.movement_rollouts, "must be >= 1")
@@ -320,6 +330,8 @@ class Config:
             section.validate()
         _need(self.loss.kl_anchor == "exact" or self.scoring.top_k >= 1,
               "scoring.top_k", self.scoring.top_k, "must be >= 1 with loss.kl_anchor: cached")
+        _need(self.eval.every_steps == 0 or self.data.num_heldout >= 1,
+              "data.num_heldout", self.data.num_heldout, "must be >= 1 with eval.every_steps > 0")
 
     @property
     def entropy_temperature(self) -> float:

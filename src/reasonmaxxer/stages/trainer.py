@@ -27,10 +27,12 @@ from ..core.kl import topk_kl
 from ..core.logprobs import policy_logprobs, policy_logprobs_and_kl
 from ..core.loss import fork_gated_loss, stats_to_floats
 from ..core.ops import masked_mean
-from ..errors import TrainingDivergedError
+from ..data.problem import Problem
+from ..errors import ConfigError, TrainingDivergedError
 from ..models.forward import completion_logits
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json
+from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, push_adapter, run_name, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -272,8 +274,13 @@ def build_trainer(
     report_to: str = "none",
     entropy_temperature: float,
     progress: bool = True,
+    heldout: list[Problem] | None = None,
 ) -> ForkGatedTrainer:
-    """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``."""
+    """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``.
+
+    With ``cfg.eval.every_steps`` > 0 it also logs the held-out pass@1 of the policy on
+    ``heldout`` (see :mod:`reasonmaxxer.stages.heldout_eval`).
+    """
     import peft
     from trl import SFTConfig
 
@@ -293,8 +300,11 @@ def build_trainer(
     )
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    if cfg.eval.every_steps > 0 and not heldout:
+        raise ConfigError("eval.every_steps: there are no held-out problems to evaluate on; set data.num_heldout > 0 "
+                          "or eval.every_steps: 0")
     model.train()
-    return ForkGatedTrainer(
+    trainer = ForkGatedTrainer(
         model=model, args=args, train_dataset=fork_dataset(selection, rollouts),
         data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
         processing_class=tokenizer, peft_config=lora,
@@ -302,6 +312,10 @@ def build_trainer(
         base_model_name=base_model_hub_id(cfg.model.name_or_path) or Path(cfg.model.name_or_path).name,
         callbacks=[FiniteAdapterCheck()],
     )
+    if cfg.eval.every_steps > 0:
+        trainer.add_callback(HeldoutEval(trainer, heldout, cfg.data, cfg.rollout, every_steps=cfg.eval.every_steps,
+                                         num_samples=cfg.eval.num_samples, seed=cfg.seed))
+    return trainer
 
 
 def train_adapter(trainer: ForkGatedTrainer, run_dir: Path, cfg: Config) -> dict[str, Any]:
