@@ -74,7 +74,7 @@ def test_chat_prompt_ids_default_template(tokenizer) -> None:
     problem = Problem(id="p", prompt="What is 12 + 7?", answer="19")
     data = DataConfig()
     ids = chat_prompt_ids(tokenizer, problem, data)
-    user = data.prompt_template.replace("{question}", problem.prompt)
+    user = data.user_template().replace("{question}", problem.prompt)
     assert user.startswith("What is 12 + 7?\n\n") and "Answer: <number>" in user
     want_text = _chatml([{"role": "user", "content": user}])
     assert tokenizer.decode(ids) == want_text
