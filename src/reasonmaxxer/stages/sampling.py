@@ -29,8 +29,9 @@ def resolve_prompt_format(tokenizer: Any, data: DataConfig, *, log: bool = True)
                           "has none; use 'plain' (or 'auto') for a base model")
     chosen = "plain" if data.prompt_format == "plain" or not has_template else "chat"
     if log:
-        why = {"auto": "auto: the tokenizer " + ("has" if has_template else "has no") + " chat template"}
-        reason = why.get(data.prompt_format, "data.prompt_format")
+        reason = "data.prompt_format"
+        if data.prompt_format == "auto":
+            reason = f"auto: the tokenizer has {'a' if has_template else 'no'} chat template"
         logger.info("prompts: %s format (%s)", chosen, reason)
     return chosen
 
