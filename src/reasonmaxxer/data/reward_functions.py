@@ -2,11 +2,12 @@
 
 TRL's GRPOTrainer calls ``reward_func(prompts=..., completions=..., completion_ids=...,
 **columns)`` with one list entry per completion and takes back a list of floats, None
-meaning "not applicable" (NaN, which its sum over functions turns into 0). Here the
-columns are the problem's ``answer``, ``kind`` and ``problem_id``; a None reward counts
-as 0.0, as a lone TRL reward function's None does. Rewards must lie in [0, 1]: problems
-are selected by their pass rate (mixed success is 0 < mean reward < 1) and pass@k counts
-a reward of 1 as correct.
+meaning "not applicable" (TRL 1.16 leaves a completion that every function scored None
+out of its group's baseline and gives it advantage 0). Here the columns are the
+problem's ``answer``, ``kind`` and ``problem_id``, and a None reward counts as 0.0 (a
+wrong answer): the offline recipe's pass rates, selection and pass@k stay defined for
+every rollout. Rewards must lie in [0, 1]: problems are selected by their pass rate
+(mixed success is 0 < mean reward < 1) and pass@k counts a reward of 1 as correct.
 """
 
 from __future__ import annotations
