@@ -120,3 +120,56 @@ def test_bad_input_is_one_line_and_no_work(name, entry, args, expected, code, ti
         assert not (run / output).exists(), output
     if name == "folder made with another config":  # the run that was there is untouched
         assert json.loads((run / "stages" / "problems.json").read_text())["done"]
+
+
+# Mistakes in the prompt and reward options (README troubleshooting rows: see the notes of
+# the h-prompts branch), each one line and no work done.
+
+
+def _base_model_dir(tmp: Path) -> Path:
+    """The tiny model as a base model: its tokenizer has no chat template."""
+    model = build_tiny_model_dir(tmp / "base_model")
+    (model / "chat_template.jinja").unlink()
+    return model
+
+
+PROMPT_AND_REWARD_CASES = [
+    ("reward module missing", lambda t: ["--reward.function", "no_such_rewards_module:score"],
+     "reward.function: cannot import module 'no_such_rewards_module'"),
+    ("reward attribute missing", lambda t: ["--reward.function", "json:no_such_function"],
+     "reward.function: module 'json' has no attribute 'no_such_function'"),
+    ("held-out file missing", lambda t: ["--data.heldout_path", str(t / "held.jsonl")],
+     "data.heldout_path: '{tmp}/held.jsonl' is not a file"),
+]
+
+
+@pytest.mark.parametrize("name, args, expected", PROMPT_AND_REWARD_CASES, ids=[c[0] for c in PROMPT_AND_REWARD_CASES])
+def test_prompt_and_reward_mistakes_are_one_line_and_no_work(name, args, expected, tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert train_main([*tiny_run_args(tiny_model_dir, run), *args(tmp_path)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith("error: " + expected.format(tmp=tmp_path)), err
+    assert not (run / "problems.jsonl").exists() and not (run / "rollouts.jsonl").exists()
+
+
+def test_a_base_model_gets_plain_prompts_and_chat_is_refused(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    model = _base_model_dir(tmp_path)
+    capsys.readouterr()
+    assert train_main(tiny_run_args(model, tmp_path / "chat", "--data.prompt_format", "chat")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(err) == 1 and err[0].startswith("error: data.prompt_format: 'chat' needs a tokenizer with a chat "
+                                               "template"), err
+    assert not (tmp_path / "chat" / "rollouts.jsonl").exists()
+    # auto (the default) samples from plain prompts where a chat template used to be required.
+    run = tmp_path / "run"
+    assert train_main(tiny_run_args(model, run, "--stage", "problems")) == 0
+    assert train_main(tiny_run_args(model, run, "--stage", "rollouts")) == 0
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    first = json.loads((run / "rollouts.jsonl").read_text().splitlines()[0])
+    problems = [json.loads(line) for line in (run / "problems.jsonl").read_text().splitlines()]
+    question = next(p["prompt"] for p in problems if p["id"] == first["problem_id"])
+    text = tokenizer.decode(first["prompt_ids"])
+    assert text.startswith(question + "\n\nReason briefly") and "<|im_start|>" not in text

@@ -74,6 +74,24 @@ def test_int_widens_to_float_but_not_the_reverse():
         (["--data.source", "file"], "data.path: is required with data.source: file"),
         (["--data.prompt_template", "no placeholder"], "data.prompt_template: must contain '{question}'"),
         (["--scoring.top_k", "0"], "scoring.top_k: must be >= 1 with loss.kl_anchor: cached"),
+        (["--data.prompt_format", "chatml"], "data.prompt_format: 'chatml' is not one of 'auto', 'chat', 'plain'"),
+        (["--data.prompt_preset", "boxd"], "data.prompt_preset: 'boxd' is not one of 'answer_line', 'boxed' "
+                                           "(did you mean 'boxed'?)"),
+        (["--reward.function", "my_rewards.score"], "reward.function: must be 'module:callable'"),
+        (["--reward.function", "m:f", "--reward.answer_format", "boxed"],
+         "reward.answer_format: applies to the built-in verifier only"),
+        (["--reward.answer_format", "box"], "reward.answer_format: 'box' is not one of 'auto', 'any', 'boxed'"),
+        (["--data.source", "file", "--data.path", "x.jsonl", "--data.heldout_split", "test"],
+         "data.heldout_split: applies to data.source: hf"),
+        (["--data.source", "file", "--data.path", "x.jsonl", "--data.data_files", "x.jsonl"],
+         "data.data_files: applies to data.source: hf"),
+        (["--data.source", "hf", "--data.name", "json", "--data.heldout_split", "test",
+          "--data.heldout_path", "h.jsonl"], "data.heldout_path: cannot be set together with data.heldout_split"),
+        (["--data.source", "hf", "--data.name", "json", "--data.heldout_split", "train"],
+         "data.heldout_split: must differ from data.split"),
+        (["--data.heldout_path", "no/such/heldout.jsonl"], "data.heldout_path: 'no/such/heldout.jsonl' is not a file"),
+        (["--data.data_files", "{train: [1]}"], "data.data_files: expected a string or a list of a string or a mapping"),
+        (["--data.shuffle", "sometimes"], "data.shuffle: expected true/false"),
         (["gate.tau", "1"], "command line: expected --section.key value"),
         (["--gate.tau"], "--gate.tau: missing value"),
     ],
@@ -147,3 +165,19 @@ def test_cli_in_a_real_process_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: gate.quantile: must be in (0, 1], got 2.0"
     assert not (tmp_path / "runs").exists()  # stopped before any work
+
+
+def test_prompt_preset_reward_and_data_options_resolve():
+    cfg = load_config(None, [])
+    assert cfg.data.prompt_template is None and cfg.answer_format == "any" and cfg.reward.function is None
+    assert cfg.data.user_template().endswith("'Answer: <number>'.")
+    boxed = load_config(None, ["--data.prompt_preset", "boxed"])
+    assert boxed.data.user_template() == (
+        "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    assert boxed.answer_format == "boxed"
+    own = load_config(None, ["--data.prompt_preset", "boxed", "--data.prompt_template", "Q {question}"])
+    assert own.data.user_template() == "Q {question}" and own.answer_format == "boxed"
+    assert load_config(None, ["--data.prompt_preset", "boxed", "--reward.answer_format", "any"]).answer_format == "any"
+    files = load_config(None, ["--data.source", "hf", "--data.name", "json",
+                               "--data.data_files", "{train: [a.jsonl, b.jsonl], test: c.jsonl}"]).data.data_files
+    assert files == {"train": ["a.jsonl", "b.jsonl"], "test": "c.jsonl"}

@@ -58,6 +58,14 @@ def test_accuracy_summary_vs_hand_computation():
     assert out["mean_completion_tokens"] == pytest.approx(4.0)
 
 
+def test_partial_credit_is_not_a_correct_sample():
+    # A reward function may give partial credit; pass@k counts only reward 1 as correct.
+    rows = [{"problem_id": "a", "reward": r, "completion_ids": [1]} for r in (0.5, 0.5, 0.5, 1.0)]
+    out = accuracy_summary(rows, None, k=2)
+    assert out["pass_at_1"] == pytest.approx(pass_at_k(4, 1, 1))
+    assert out["pass_at_2"] == pytest.approx(pass_at_k(4, 1, 2))
+
+
 def test_paired_bootstrap_against_a_loop():
     rng = random.Random(0)
     base = {str(i): [float(rng.random() < 0.3) for _ in range(8)] for i in range(30)}
@@ -198,3 +206,50 @@ def test_controls_are_measured_at_their_reference_entropy_gate():
         assert measured.mode == "topk" and measured.k == 3
     gate = load_config(None, ["--gate.mode", "quantile"]).gate
     assert movement_gate(gate) == gate
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+
+EVAL_REWARD_MODULE = """
+def longer_than_four(completions, completion_ids, **kwargs):
+    return [float(len(ids) > 4) for ids in completion_ids]
+"""
+
+
+def test_eval_samples_with_the_training_prompts_and_reward(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A base model (no chat template): eval prompts are the plain ones rollouts use, rewards the user's."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.data.builtin import builtin_arithmetic
+    from reasonmaxxer.evaluation.runner import sample_both
+    from reasonmaxxer.stages.sampling import prompt_ids
+
+    (tmp_path / "eval_rewards.py").write_text(EVAL_REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    tokenizer.chat_template = None
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    cfg = load_config(None, ["--output_dir", str(tmp_path / "run"), "--rollout.max_new_tokens", "8",
+                             "--eval.num_samples", "2", "--reward.function", "eval_rewards:longer_than_four",
+                             "--data.system_prompt", "Solve it.", "--training.use_cpu", "true"])
+    problems = builtin_arithmetic(3, seed=0, split="heldout")
+    with caplog.at_level(logging.INFO, logger="reasonmaxxer.stages.sampling"):
+        got = sample_both(model, tokenizer, problems, cfg, tmp_path / "eval", False,
+                          adapter_path=tmp_path / "adapter", base_path=str(tiny_model_dir))
+    assert [r.getMessage() for r in caplog.records] == [
+        "prompts: plain format (auto: the tokenizer has no chat template)"]  # once for all four samplings
+    by_id = {p.id: p for p in problems}
+    for key in ("base_samples", "adapter_samples", "base_greedy", "adapter_greedy"):
+        assert got[key], key
+        for r in got[key]:
+            assert r["prompt_ids"] == prompt_ids(tokenizer, by_id[r["problem_id"]], cfg.data, "plain")
+            assert tokenizer.decode(r["prompt_ids"]).startswith("Solve it.\n\nWhat")
+            assert r["reward"] == float(len(r["completion_ids"]) > 4)

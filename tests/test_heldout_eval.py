@@ -25,7 +25,7 @@ from reasonmaxxer.stages.heldout_eval import HeldoutEval, pass_at_1, sample_held
 from reasonmaxxer.testing import tiny_run_args
 
 
-def _hash_verify(text: str, answer: str) -> tuple[float, None]:
+def _hash_verify(text: str, answer: str, answer_format: str = "any") -> tuple[float, None]:
     """A random tiny model solves nothing: reward by a hash of the text so pass@1 is in (0, 1)."""
     return float(zlib.crc32(text.encode()) % 2), None
 
@@ -56,7 +56,8 @@ def stubbed(tiny_model_dir, monkeypatch):
                  for j in range(cfg.num_samples)] for _ in prompts]
 
     monkeypatch.setattr(heldout_eval, "generate_batch", fake_generate)
-    monkeypatch.setattr(heldout_eval, "verify", lambda text, answer: (float(int(text[0]) < int(answer)), text))
+    monkeypatch.setattr(rollouts_module, "verify",
+                        lambda text, answer, answer_format="any": (float(int(text[0]) < int(answer)), text))
     return model, tokenizer, calls
 
 
@@ -103,8 +104,7 @@ def _train_log(run):
 
 @pytest.mark.slow
 def test_training_logs_heldout_pass_at_1_without_changing_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rollouts_module, "verify", _hash_verify)
-    monkeypatch.setattr(heldout_eval, "verify", _hash_verify)
+    monkeypatch.setattr(rollouts_module, "verify", _hash_verify)  # rollouts and held-out eval reward alike
     with_eval, plain = tmp_path / "with_eval", tmp_path / "plain"
 
     def args(run, *extra):

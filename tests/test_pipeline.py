@@ -195,3 +195,16 @@ def test_diverging_training_stops_with_one_line_and_saves_no_adapter(tiny_model_
     assert "Traceback" not in err[0]
     assert not (run / "adapter").exists()
     assert not json.loads((run / "stages" / "training.json").read_text())["done"]
+
+
+@pytest.mark.parametrize("override", [["--data.prompt_format", "plain"], ["--data.prompt_preset", "boxed"],
+                                      ["--reward.function", "my_rewards:score"], ["--reward.answer_format", "boxed"],
+                                      ["--data.shuffle", "true"]])
+def test_prompt_and_reward_settings_redo_the_rollouts(override):
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.pipeline import Pipeline
+
+    before = Pipeline(load_config(None, [])).fingerprints()
+    after = Pipeline(load_config(None, override)).fingerprints()
+    assert after["rollouts"] != before["rollouts"]
+    assert all(after[stage] != before[stage] for stage in ("scoring", "selection", "training"))

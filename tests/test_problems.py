@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from reasonmaxxer.config.schema import DataConfig
 from reasonmaxxer.data.builtin import KIND_DIFFICULTY, builtin_arithmetic
 from reasonmaxxer.data.loaders import load_hf_dataset, load_local_file, normalize_answer
 from reasonmaxxer.data.problem import Problem, split_heldout
+from reasonmaxxer.data.sources import load_problems
 from reasonmaxxer.errors import ConfigError, DataError
 
 ALL_KINDS = ("add", "mul", "sub", "word")
@@ -485,3 +488,84 @@ def test_split_heldout_too_many():
         split_heldout(_pool(10), heldout=10, seed=0)
     train, held = split_heldout(_pool(3), heldout=0, seed=0)
     assert len(train) == 3 and held == []
+
+
+# --------------------------------------------------------------------------------------
+# load_problems: data_files, shuffle, a held-out source of its own
+# --------------------------------------------------------------------------------------
+
+
+def _rows(prefix: str, n: int) -> list[dict]:
+    return [{"question": f"{prefix} question {i}?", "answer": str(i)} for i in range(n)]
+
+
+def _data(**overrides) -> DataConfig:
+    data = DataConfig(**{"prompt_column": "question", "num_train": 5, "num_heldout": 3, **overrides})
+    data.validate()
+    return data
+
+
+def test_hf_json_data_files_with_a_heldout_split(hf_cache):
+    train_file = _write_jsonl(hf_cache / "train.jsonl", _rows("train", 10))
+    test_rows = _rows("test", 6)
+    test_rows[1] = {"question": "train question 2?", "answer": "2"}  # also a training prompt
+    test_file = _write_jsonl(hf_cache / "test.jsonl", test_rows)
+    data = _data(source="hf", name="json", data_files={"train": str(train_file), "test": str(test_file)},
+                 heldout_split="test")
+    train, held = load_problems(data, seed=0)
+    # Held-out: the first 3 test rows; train: the first 5 train rows less the one a test row repeats.
+    assert [p.prompt for p in held] == ["test question 0?", "train question 2?", "test question 2?"]
+    assert [p.prompt for p in train] == [f"train question {i}?" for i in (0, 1, 3, 4)]
+    assert [p.id for p in held] == ["json-test-0", "json-test-1", "json-test-2"]
+    # Without a held-out source the held-out problems are a share of the train split.
+    train2, held2 = load_problems(_data(source="hf", name="json", data_files=str(train_file)), seed=0)
+    assert {p.prompt for p in train2 + held2} == {f"train question {i}?" for i in range(8)}
+
+
+def test_hf_shuffle_takes_seeded_rows_from_the_whole_split(hf_cache):
+    path = _write_jsonl(hf_cache / "many.jsonl", _rows("q", 60))
+    data = _data(source="hf", name="json", data_files=str(path), shuffle=True, num_heldout=0)
+    first, _ = load_problems(data, seed=0)
+    again, _ = load_problems(data, seed=0)
+    other, _ = load_problems(data, seed=1)
+    assert first == again and first != other
+    top = [f"q question {i}?" for i in range(5)]
+    assert [p.prompt for p in first] != top and len(first) == 5
+    for p in first:  # each row keeps its own id and answer, wherever it was shuffled to
+        i = int(p.answer)
+        assert p.prompt == f"q question {i}?" and p.id == f"json-train-{i}"
+    unshuffled, _ = load_problems(dataclasses.replace(data, shuffle=False), seed=0)
+    assert [p.prompt for p in unshuffled] == top
+
+
+def test_file_source_with_heldout_path_and_shuffle(tmp_path):
+    train_file = _write_jsonl(tmp_path / "train.jsonl", _rows("train", 40))
+    held_rows = _rows("held", 5) + [{"question": "train question 7?", "answer": "7"}]
+    held_file = _write_jsonl(tmp_path / "held.jsonl", held_rows)
+    data = _data(source="file", path=str(train_file), heldout_path=str(held_file), num_heldout=6, num_train=40)
+    train, held = load_problems(data, seed=0)
+    assert [p.prompt for p in held] == [r["question"] for r in held_rows]
+    assert [p.prompt for p in train] == [f"train question {i}?" for i in range(40) if i != 7]
+    shuffled = _data(source="file", path=str(train_file), heldout_path=str(held_file), num_train=5, shuffle=True)
+    train_s, held_s = load_problems(shuffled, seed=3)
+    assert len(held_s) == 3 and {p.prompt for p in held_s} <= {r["question"] for r in held_rows}
+    assert [p.prompt for p in train_s] != [f"train question {i}?" for i in range(5)]
+    assert train_s == load_problems(shuffled, seed=3)[0]
+
+
+def test_heldout_source_that_repeats_every_training_prompt(tmp_path):
+    rows = _rows("same", 3)
+    data = _data(source="file", path=str(_write_jsonl(tmp_path / "a.jsonl", rows)),
+                 heldout_path=str(_write_jsonl(tmp_path / "b.jsonl", rows)), num_train=3)
+    with pytest.raises(DataError) as excinfo:
+        load_problems(data, seed=0)
+    assert "every training problem's prompt is also a held-out prompt" in _one_line_error(excinfo)
+
+
+def test_missing_heldout_split_is_one_line(hf_cache):
+    path = _write_jsonl(hf_cache / "only_train.jsonl", _rows("q", 10))
+    data = _data(source="hf", name="json", data_files=str(path), heldout_split="test")
+    with pytest.raises(DataError) as excinfo:
+        load_problems(data, seed=0)
+    message = _one_line_error(excinfo)
+    assert "split 'test'" in message and "'json'" in message

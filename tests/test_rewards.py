@@ -137,3 +137,40 @@ def test_answers_equal():
     assert answers_equal("x + 1", "1 + x")
     assert not answers_equal("x + 2", "1 + x")
     assert not answers_equal("7", "8")
+
+
+# --------------------------------------------------------------------------------------
+# answer_format="boxed": only the last \boxed{...} is the answer (the MATH-style preset)
+# --------------------------------------------------------------------------------------
+
+BOXED_CASES = [
+    # (completion, what the boxed format extracts)
+    ("So x = 1/2, and the answer is \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),  # nested braces
+    ("Try \\boxed{3}. No wait, recheck: \\boxed{4}. Then 4 + 1 = 5 is unrelated.", "4"),  # last box wins
+    ("The area is \\boxed{\\sqrt{\\frac{3}{4}}} square units, about 0.87", "\\sqrt{\\frac{3}{4}}"),
+    ("We get $\\boxed{-7}$ after 3 steps.", "-7"),
+    ("Reasoning... so the answer is 12, step 13.", None),  # stray numbers, no box
+    ("Answer: 12", None),  # an Answer: line is not the boxed form
+    ("\\boxed{}", None),  # an empty box holds nothing
+]
+
+
+@pytest.mark.parametrize(("completion", "want"), BOXED_CASES)
+def test_extract_answer_boxed_reads_only_the_last_box(completion, want):
+    assert extract_answer(completion, "boxed") == want
+
+
+def test_boxed_format_rejects_a_correct_number_outside_a_box():
+    # The same completion is right under the lenient format and has no answer under boxed.
+    text = "6 × 7 gives 42, so 42"
+    assert verify(text, "42") == (1.0, "42")
+    assert verify(text, "42", "boxed") == (0.0, None)
+    boxed = "6 × 7 gives \\boxed{42}. Then 43 is the next number."
+    assert verify(boxed, "42", "boxed") == (1.0, "42")
+    assert verify(boxed, "42")[0] == 1.0  # the default also prefers the box
+
+
+def test_boxed_format_compares_symbolically_with_the_gold():
+    assert verify("\\boxed{\\frac{1}{2}}", "0.5", "boxed")[0] == 1.0
+    assert verify("first \\boxed{\\frac{1}{2}}, final \\boxed{\\frac{1}{3}}", "1/2", "boxed")[0] == 0.0
+    assert verify("done: \\boxed{\\frac{2}{4}}", "\\boxed{\\frac12}", "boxed")[0] == 1.0

@@ -7,6 +7,8 @@ passes of each unpadded prompt, reasonmaxxer.data.rewards.verify, and an uninter
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,17 +16,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.config.schema import DataConfig, RolloutConfig
 from reasonmaxxer.data.builtin import builtin_arithmetic
 from reasonmaxxer.data.problem import Problem
 from reasonmaxxer.data.rewards import verify
-from reasonmaxxer.stages.rollouts import run_rollouts
+from reasonmaxxer.errors import ConfigError
+from reasonmaxxer.stages.rollouts import RolloutReward, run_rollouts
 from reasonmaxxer.stages.sampling import (
     chat_prompt_ids,
     cut_at_eos,
     eos_token_ids,
     fast_generate,
     generate_batch,
+    plain_prompt_ids,
+    prompt_ids,
+    resolve_prompt_format,
     sample_next,
 )
 
@@ -74,7 +81,7 @@ def test_chat_prompt_ids_default_template(tokenizer) -> None:
     problem = Problem(id="p", prompt="What is 12 + 7?", answer="19")
     data = DataConfig()
     ids = chat_prompt_ids(tokenizer, problem, data)
-    user = data.prompt_template.replace("{question}", problem.prompt)
+    user = data.user_template().replace("{question}", problem.prompt)
     assert user.startswith("What is 12 + 7?\n\n") and "Answer: <number>" in user
     want_text = _chatml([{"role": "user", "content": user}])
     assert tokenizer.decode(ids) == want_text
@@ -98,6 +105,59 @@ def test_chat_prompt_ids_custom_template_and_system(tokenizer) -> None:
     # A different question gives a different prompt, the same frame.
     other = chat_prompt_ids(tokenizer, Problem(id="q", prompt="What is 5 × 6?", answer="30"), data)
     assert tokenizer.decode(other) == want_text.replace("3 × 4", "5 × 6")
+
+
+# --------------------------------------------------------------------------------------
+# prompt formats: chat, plain (base models without a chat template), auto
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer(tiny_model_dir: Path):
+    """The tiny tokenizer as a base model's: no chat template, a BOS added to every text."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, padding_side="left")
+    tok.chat_template = None
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    return tok
+
+
+def test_plain_prompt_is_system_blank_line_user_with_bos(base_tokenizer) -> None:
+    problem = Problem(id="p", prompt="What is 3 × 4?", answer="12")
+    bos = base_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    data = DataConfig(prompt_format="plain", system_prompt="You are a careful solver.")
+    ids = prompt_ids(base_tokenizer, problem, data, "plain")
+    want_text = ("You are a careful solver.\n\nWhat is 3 × 4?\n\nReason briefly, then give the final answer on "
+                 "the last line as 'Answer: <number>'.")
+    assert ids[0] == bos and bos not in ids[1:]  # the tokenizer's own BOS, once
+    assert base_tokenizer.decode(ids[1:]) == want_text
+    no_system = prompt_ids(base_tokenizer, problem, DataConfig(prompt_preset="boxed"), "plain")
+    assert base_tokenizer.decode(no_system[1:]) == (
+        "What is 3 × 4?\nPlease reason step by step, and put your final answer within \\boxed{}.")
+
+
+def test_auto_format_follows_the_chat_template_and_says_so_once(tokenizer, base_tokenizer, caplog) -> None:
+    problem = Problem(id="p", prompt="What is 12 + 7?", answer="19")
+    with caplog.at_level(logging.INFO, logger="reasonmaxxer.stages.sampling"):
+        assert resolve_prompt_format(tokenizer, DataConfig()) == "chat"
+        assert resolve_prompt_format(base_tokenizer, DataConfig()) == "plain"
+        assert resolve_prompt_format(tokenizer, DataConfig(prompt_format="plain")) == "plain"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["prompts: chat format (auto: the tokenizer has a chat template)",
+                     "prompts: plain format (auto: the tokenizer has no chat template)",
+                     "prompts: plain format (data.prompt_format)"]
+    # A model with a template gets the same ids from auto as before (the chat ones).
+    assert prompt_ids(tokenizer, problem, DataConfig(), "chat") == chat_prompt_ids(tokenizer, problem, DataConfig())
+
+
+def test_chat_format_without_a_template_is_a_one_line_config_error(base_tokenizer) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_prompt_format(base_tokenizer, DataConfig(prompt_format="chat"))
+    assert str(err.value).startswith("data.prompt_format: 'chat' needs a tokenizer with a chat template")
+    assert "\n" not in str(err.value)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,3 +442,76 @@ def test_fast_generate_samples_are_seeded_and_shaped(tiny_model_dir):
         for toks, finish in rows:
             assert 1 <= len(toks) <= 6
             assert (finish == "eos") == (toks[-1] == tokenizer.eos_token_id)
+
+
+# --------------------------------------------------------------------------------------
+# run_rollouts with a base model's plain prompts and with a user reward function
+# --------------------------------------------------------------------------------------
+
+
+def test_run_rollouts_with_a_base_tokenizer_uses_plain_prompts(model, base_tokenizer, problems, tmp_path) -> None:
+    data = DataConfig()  # prompt_format auto; before it, apply_chat_template raised ValueError here
+    path = tmp_path / "plain.jsonl"
+    run_rollouts(model, base_tokenizer, problems[:2], data, CFG, path, seed=0, progress=False)
+    records = _read(path)
+    assert len(records) == 4
+    by_id = {p.id: p for p in problems}
+    for r in records:
+        assert r["prompt_ids"] == plain_prompt_ids(base_tokenizer, by_id[r["problem_id"]], data)
+
+
+REWARD_MODULE = """
+calls = []
+
+def parity(prompts, completions, completion_ids, answer, kind, problem_id, **kwargs):
+    calls.append({"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
+                  "answer": answer, "kind": kind, "problem_id": problem_id})
+    return [float(len(ids) % 2 == 0) if len(ids) > 3 else None for ids in completion_ids]
+"""
+
+
+def test_run_rollouts_calls_the_reward_function_once_per_batch(model, tokenizer, problems, tmp_path,
+                                                                monkeypatch) -> None:
+    (tmp_path / "parity_rewards.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "parity_rewards", raising=False)
+    cfg = load_config(None, ["--reward.function", "parity_rewards:parity"])
+    reward = RolloutReward.from_config(cfg)
+    module = sys.modules["parity_rewards"]
+    data = DataConfig()
+    path = tmp_path / "custom.jsonl"
+    summary = run_rollouts(model, tokenizer, problems, data, CFG, path, seed=0, progress=False, reward=reward)
+    records = _read(path)
+    per_call = CFG.batch_size // CFG.num_samples
+    assert len(module.calls) == -(-len(problems) // per_call)  # one call per sampled batch
+    assert sum(len(c["completions"]) for c in module.calls) == len(records) == 12
+    by_id = {p.id: p for p in problems}
+    call_rows = {(pid, tuple(ids)): (prompt, text, answer, kind)
+                 for c in module.calls
+                 for prompt, text, ids, answer, kind, pid in zip(c["prompts"], c["completions"], c["completion_ids"],
+                                                                 c["answer"], c["kind"], c["problem_id"])}
+    for r in records:
+        problem = by_id[r["problem_id"]]
+        n = len(r["completion_ids"])
+        assert r["reward"] == (float(n % 2 == 0) if n > 3 else 0.0)  # None counts as 0
+        assert r["extracted"] is None
+        prompt, text, answer, kind = call_rows[(problem.id, tuple(r["completion_ids"]))]
+        assert prompt == data.user_template().replace("{question}", problem.prompt)
+        assert (text, answer, kind) == (r["text"], problem.answer, problem.kind)
+    assert {r["reward"] for r in records} == {0.0, 1.0}
+    assert summary["mean_reward"] == pytest.approx(sum(r["reward"] for r in records) / 12)
+
+
+def test_boxed_preset_makes_the_verifier_require_a_box(model, tokenizer, problems, tmp_path, monkeypatch) -> None:
+    import reasonmaxxer.stages.rollouts as rollouts_module
+
+    assert RolloutReward.from_config(load_config(None, [])).answer_format == "any"
+    boxed = RolloutReward.from_config(load_config(None, ["--data.prompt_preset", "boxed"]))
+    assert boxed.answer_format == "boxed"
+    assert RolloutReward.from_config(load_config(None, ["--data.prompt_preset", "boxed",
+                                                        "--reward.answer_format", "any"])).answer_format == "any"
+    seen = []
+    monkeypatch.setattr(rollouts_module, "verify", lambda text, answer, fmt: seen.append(fmt) or (0.0, None))
+    run_rollouts(model, tokenizer, problems[:2], DataConfig(prompt_preset="boxed"), CFG, tmp_path / "b.jsonl",
+                 seed=0, progress=False, reward=boxed)
+    assert seen == ["boxed"] * 4

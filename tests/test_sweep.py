@@ -93,7 +93,7 @@ def mixed_verify(monkeypatch):
 
     import reasonmaxxer.stages.rollouts as rollouts_module
 
-    monkeypatch.setattr(rollouts_module, "verify", lambda text, answer: (float(zlib.crc32(text.encode()) % 2), None))
+    monkeypatch.setattr(rollouts_module, "verify", lambda text, answer, *_: (float(zlib.crc32(text.encode()) % 2), None))
 
 
 def _count(monkeypatch, cls_or_module, name):

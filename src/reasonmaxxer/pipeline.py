@@ -70,6 +70,7 @@ class Pipeline:
         self.overwrite = overwrite  # redo stages whose settings changed instead of refusing
         self._model = None
         self._tokenizer = None
+        self._reward: Any = None  # the rollouts' RolloutReward, built once per run
         self.tracker: Tracker | None = None
 
     # ------------------------------------------------------------------ paths & state
@@ -90,7 +91,7 @@ class Pipeline:
         fp["problems"] = fingerprint({"data": c["data"], "seed": c["seed"]})
         rollout = {k: v for k, v in c["rollout"].items() if k != "vllm_gpu_memory_utilization"}  # same samples
         fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
-                                      "rollout": rollout, "seed": c["seed"]})
+                                      "rollout": rollout, "seed": c["seed"], "reward": c["reward"]})
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
                                      "temperature": self.cfg.entropy_temperature})
         fp["selection"] = fingerprint({"up": fp["rollouts"], "selection": c["selection"]})
@@ -121,6 +122,10 @@ class Pipeline:
             from .models.loading import check_model_source
 
             check_model_source(self.cfg.model.name_or_path)
+        if only in (None, "rollouts") and self.cfg.reward.function is not None:
+            from .stages.rollouts import RolloutReward
+
+            self._reward = RolloutReward.from_config(self.cfg)  # a bad reward.function stops before any work
         if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm":
             from .stages.vllm_backend import require_vllm
 
@@ -224,7 +229,10 @@ class Pipeline:
         return read_split(self.path("problems.jsonl"), split)
 
     def stage_rollouts(self) -> dict[str, Any]:
-        from .stages.rollouts import run_rollouts
+        from .stages.rollouts import RolloutReward, run_rollouts
+
+        if self._reward is None:
+            self._reward = RolloutReward.from_config(self.cfg)
 
         if self.cfg.rollout.backend == "vllm":
             if dist.world_size() > 1:
@@ -241,7 +249,8 @@ class Pipeline:
         else:
             model, tokenizer = self.model_and_tokenizer()
         return run_rollouts(model, tokenizer, self.problems("train"), self.cfg.data, self.cfg.rollout,
-                            self.path("rollouts.jsonl"), seed=self.cfg.seed, progress=self.progress)
+                            self.path("rollouts.jsonl"), seed=self.cfg.seed, progress=self.progress,
+                            reward=self._reward)
 
     def rollouts(self) -> list[dict[str, Any]]:
         return read_jsonl_cut_torn_tail(self.path("rollouts.jsonl"))

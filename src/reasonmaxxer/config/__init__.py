@@ -12,6 +12,7 @@ from .schema import (
     LoraConfig,
     LossConfig,
     ModelConfig,
+    RewardConfig,
     RolloutConfig,
     ScoringConfig,
     SelectionConfig,
@@ -21,6 +22,6 @@ from .schema import (
 
 __all__ = [
     "DEFAULT_PROMPT_TEMPLATE", "SECTIONS", "TRAINING_DEFAULTS", "Config", "DataConfig", "EvalConfig", "GateConfig",
-    "LoraConfig", "LossConfig", "ModelConfig", "RolloutConfig", "ScoringConfig", "SelectionConfig", "TrackingConfig",
+    "LoraConfig", "LossConfig", "ModelConfig", "RewardConfig", "RolloutConfig", "ScoringConfig", "SelectionConfig", "TrackingConfig",
     "config_from_dict", "load_config", "parse_overrides", "read_yaml", "section_dict", "training_defaults",
 ]

@@ -46,6 +46,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
@@ -70,6 +72,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, list):
             return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if isinstance(value, dict):
+            return {_coerce(f"{key}", k, key_tp): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     elif tp is type(None):
         if value is None:
             return None

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ..core.gate import GateMode, ReferenceMode
 from ..core.loss import LossVariant
 from ..data.builtin import PROBLEM_KINDS
+from ..data.prompts import PROMPT_PRESETS, PromptFormat, PromptPreset
+from ..data.rewards import AnswerFormat
 from ..errors import ConfigError
 
-DEFAULT_PROMPT_TEMPLATE = (
-    "{question}\n\nReason briefly, then give the final answer on the last line as 'Answer: <number>'."
-)
+DEFAULT_PROMPT_TEMPLATE = PROMPT_PRESETS["answer_line"]
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -64,20 +65,59 @@ class DataConfig:
     name: str | None = _help("Hugging Face dataset name (source: hf), e.g. 'openai/gsm8k'.", default=None)
     config_name: str | None = _help("Dataset configuration (source: hf), e.g. 'main'.", default=None)
     split: str = _help("Dataset split to draw problems from (source: hf).", default="train")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = _help(
+        "Files for datasets.load_dataset(name, data_files=...) (source: hf), e.g. with name 'json' or 'parquet'; "
+        "a mapping {split: file} names the splits.", default=None
+    )
     path: str | None = _help("Local .jsonl/.json/.parquet file (source: file).", default=None)
+    shuffle: bool = _help(
+        "Shuffle the rows (seeded by `seed`) before num_train + num_heldout are taken, instead of the first rows.",
+        default=False,
+    )
+    heldout_split: str | None = _help(
+        "Held-out problems from this split of the same dataset (source: hf), e.g. 'test', instead of a share "
+        "of data.split.", default=None
+    )
+    heldout_path: str | None = _help(
+        "Held-out problems from this local .jsonl/.json/.parquet file (same columns) instead of a share of "
+        "the training source.", default=None
+    )
     prompt_column: str = _help("Column holding the question.", default="prompt")
     answer_column: str = _help("Column holding the answer ('#### N' answers are handled).", default="answer")
     id_column: str | None = _help("Column holding a problem id (default: row index).", default=None)
-    prompt_template: str = _help(
-        "User message; '{question}' is replaced by the problem text.", default=DEFAULT_PROMPT_TEMPLATE
+    prompt_preset: PromptPreset = _help(
+        "Shipped instruction: answer_line ('Answer: <number>' on the last line) or boxed (MATH style: 'Please "
+        "reason step by step, and put your final answer within \\boxed{}.', answers read from the last box).",
+        default="answer_line",
+    )
+    prompt_template: str | None = _help(
+        "User message; '{question}' is replaced by the problem text. Default: the prompt_preset's.", default=None
     )
     system_prompt: str | None = _help("Optional system message.", default=None)
+    prompt_format: PromptFormat = _help(
+        "chat: the tokenizer's chat template; plain: system prompt, a blank line, the user message, as bare "
+        "text (base models); auto: chat when the tokenizer has a chat template.", default="auto"
+    )
+
+    def user_template(self) -> str:
+        """The user message's template: prompt_template, else the prompt_preset's."""
+        return self.prompt_template if self.prompt_template is not None else PROMPT_PRESETS[self.prompt_preset]
 
     def validate(self) -> None:
         _need(self.num_train >= 1, "data.num_train", self.num_train, "must be >= 1")
         _need(self.num_heldout >= 0, "data.num_heldout", self.num_heldout, "must be >= 0")
-        _need("{question}" in self.prompt_template, "data.prompt_template", self.prompt_template,
-              "must contain '{question}'")
+        _need(self.prompt_template is None or "{question}" in self.prompt_template, "data.prompt_template",
+              self.prompt_template, "must contain '{question}'")
+        _need(self.data_files is None or self.source == "hf", "data.data_files", self.data_files,
+              "applies to data.source: hf (with data.source: file use data.path)")
+        _need(self.heldout_split is None or self.source == "hf", "data.heldout_split", self.heldout_split,
+              "applies to data.source: hf (use data.heldout_path for a local file)")
+        _need(self.heldout_split is None or self.heldout_path is None, "data.heldout_path", self.heldout_path,
+              "cannot be set together with data.heldout_split")
+        _need(self.heldout_split is None or self.source != "hf" or self.heldout_split != self.split,
+              "data.heldout_split", self.heldout_split, "must differ from data.split")
+        if self.heldout_path is not None and not Path(self.heldout_path).is_file():
+            raise ConfigError(f"data.heldout_path: '{self.heldout_path}' is not a file")
         if self.source == "builtin":
             for kind in self.kinds:
                 _need(kind in PROBLEM_KINDS, "data.kinds", kind, f"must be among {sorted(PROBLEM_KINDS)}")
@@ -86,6 +126,29 @@ class DataConfig:
             _need(bool(self.name), "data.name", self.name, "is required with data.source: hf")
         if self.source == "file":
             _need(bool(self.path), "data.path", self.path, "is required with data.source: file")
+
+
+
+@dataclass
+class RewardConfig:
+    function: str | None = _help(
+        "'module:callable' scoring rollouts instead of the built-in verifier, called like a TRL reward "
+        "function: f(prompts=, completions=, completion_ids=, answer=, kind=, problem_id=, **kwargs) -> one "
+        "number in [0, 1] (or None, counted as 0) per completion.", default=None
+    )
+    answer_format: Literal["auto", AnswerFormat] = _help(
+        "Built-in verifier: any (last box, 'Answer:' line or last number) or boxed (only the last \\boxed{}); "
+        "auto: boxed with data.prompt_preset: boxed, else any.", default="auto"
+    )
+
+    def validate(self) -> None:
+        spec = self.function
+        if spec is not None:
+            module, sep, attr = spec.partition(":")
+            _need(bool(sep and module.strip() and attr.strip()), "reward.function", spec,
+                  "must be 'module:callable', e.g. 'my_rewards:exact_match'")
+            _need(self.answer_format == "auto", "reward.answer_format", self.answer_format,
+                  "applies to the built-in verifier only; leave it 'auto' with reward.function")
 
 
 
@@ -307,6 +370,7 @@ class Config:
     seed: int = _help("Seed for problems, rollouts and training.", default=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -325,13 +389,20 @@ class Config:
 
     def validate(self) -> None:
         """Every section's own range checks, then the rules that span sections."""
-        for section in (self.model, self.data, self.rollout, self.scoring, self.selection, self.gate, self.loss,
+        for section in (self.model, self.data, self.reward, self.rollout, self.scoring, self.selection, self.gate, self.loss,
                         self.lora, self.tracking, self.eval):
             section.validate()
         _need(self.loss.kl_anchor == "exact" or self.scoring.top_k >= 1,
               "scoring.top_k", self.scoring.top_k, "must be >= 1 with loss.kl_anchor: cached")
         _need(self.eval.every_steps == 0 or self.data.num_heldout >= 1,
               "data.num_heldout", self.data.num_heldout, "must be >= 1 with eval.every_steps > 0")
+
+    @property
+    def answer_format(self) -> AnswerFormat:
+        """What the built-in verifier reads as the answer (``reward.answer_format``, auto resolved)."""
+        if self.reward.answer_format != "auto":
+            return self.reward.answer_format
+        return "boxed" if self.data.prompt_preset == "boxed" else "any"
 
     @property
     def entropy_temperature(self) -> float:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .problem import Problem
+from .problem import Problem, shuffled_indices
 
 # --------------------------------------------------------------------------------------
 # Answer and prompt normalisation shared by the loaders
@@ -112,8 +112,12 @@ def _problems_from_rows(
     answer_column: str,
     id_column: str | None,
     limit: int | None,
+    row_numbers: Sequence[int] | None = None,
 ) -> list[Problem]:
-    """Problems from ``(where, row)`` pairs, stopping after ``limit``; ids must be unique."""
+    """Problems from ``(where, row)`` pairs, stopping after ``limit``; ids must be unique.
+
+    A row's default id is ``f"{id_prefix}-{n}"``, n its position or ``row_numbers[position]``.
+    """
     problems: list[Problem] = []
     first_seen: dict[str, str] = {}
     for index, (where, row) in enumerate(rows):
@@ -122,7 +126,7 @@ def _problems_from_rows(
         problem = _make_problem(
             row,
             where=where,
-            default_id=f"{id_prefix}-{index}",
+            default_id=f"{id_prefix}-{index if row_numbers is None else row_numbers[index]}",
             prompt_column=prompt_column,
             answer_column=answer_column,
             id_column=id_column,
@@ -148,14 +152,16 @@ def load_hf_dataset(
     answer_column: str,
     id_column: str | None = None,
     limit: int | None = None,
-    data_files: str | Sequence[str] | None = None,
+    data_files: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
+    shuffle_seed: int | None = None,
 ) -> list[Problem]:
-    """Load problems with ``datasets.load_dataset(name, config, split=split)``.
+    """Load problems with ``datasets.load_dataset(name, config, split=split, data_files=data_files)``.
 
     ``name`` is a hub id (only cached ones work offline), a local dataset folder, or a
     packaged builder (``"json"``, ``"parquet"``, ``"csv"``) together with ``data_files``.
-    gsm8k-style answers keep only what follows the last ``####``. IDs default to
-    ``f"{basename(name)}-{split}-{row}"``. Failures raise a one-line DataError.
+    With ``shuffle_seed`` the rows are shuffled (seeded) before ``limit`` are taken. gsm8k-style answers keep only what follows the last ``####``. IDs default to
+    ``f"{basename(name)}-{split}-{row}"`` (the row's index in the file, shuffled or not).
+    Failures raise a one-line DataError.
     """
     _check_limit(limit)
     try:
@@ -182,13 +188,19 @@ def load_hf_dataset(
             raise DataError(f"dataset {name!r} has no column {column!r}; its columns are: {', '.join(have)}")
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} split {split!r} has no rows")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
+    # The rows taken, by their index in the split (which also names them, shuffled or not).
+    if shuffle_seed is None:
+        row_numbers = list(range(len(ds)))
+    else:
+        row_numbers = shuffled_indices(len(ds), shuffle_seed)
+    row_numbers = row_numbers[:limit] if limit is not None else row_numbers
+    if shuffle_seed is not None or len(row_numbers) < len(ds):
+        ds = ds.select(row_numbers)
     wanted = [c for c in dict.fromkeys((prompt_column, answer_column, id_column)) if c is not None]
     ds = ds.select_columns(wanted)
 
     label = name.rstrip("/").rsplit("/", 1)[-1] or name
-    rows = ((f"dataset {name!r} split {split!r}, row {i}", row) for i, row in enumerate(ds))
+    rows = ((f"dataset {name!r} split {split!r}, row {i}", row) for i, row in zip(row_numbers, ds))
     return _problems_from_rows(
         rows,
         id_prefix=f"{label}-{split}",
@@ -196,6 +208,7 @@ def load_hf_dataset(
         answer_column=answer_column,
         id_column=id_column,
         limit=None,
+        row_numbers=row_numbers,
     )
 
 

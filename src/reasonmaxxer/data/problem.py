@@ -24,6 +24,10 @@ class Problem:
     difficulty: int = 0
 
 
+def shuffled_indices(n: int, seed: int) -> list[int]:
+    """0..n-1 in an order fixed by ``seed`` (``data.shuffle``: which rows a run takes)."""
+    return random.Random(f"reasonmaxxer-shuffle:{seed}").sample(range(n), n)
+
 
 def split_heldout(problems: list[Problem], *, heldout: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Split into ``(train, heldout)``: ``heldout`` problems drawn with ``seed``.

@@ -12,9 +12,13 @@ import functools
 import re
 import threading
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["answers_equal", "extract_answer", "verify"]
+__all__ = ["AnswerFormat", "answers_equal", "extract_answer", "verify"]
+
+AnswerFormat = Literal["any", "boxed"]
+"""What counts as a completion's final answer: ``any`` (a box, an "Answer:" line or the
+last number) or ``boxed`` (only the last ``\\boxed{...}``; a completion without one has no answer)."""
 
 NUMERIC_TOLERANCE = 1e-6
 """Two numeric answers closer than this are equal."""
@@ -115,18 +119,21 @@ def _last_number(text: str) -> str | None:
     return _clean(matches[-1]) if matches else None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, answer_format: AnswerFormat = "any") -> str | None:
     """The final answer of a completion, or None where it has none.
 
-    Tried in order: the last ``\\boxed{...}`` (balanced braces); the last "Answer: X",
-    "answer is X" or "#### X" (case-insensitive) followed by a number or LaTeX; the last
-    number in the text (integers, decimals, negatives, ``1,234`` -> ``"1234"``).
+    With ``answer_format="any"``, tried in order: the last ``\\boxed{...}`` (balanced
+    braces); the last "Answer: X", "answer is X" or "#### X" (case-insensitive) followed
+    by a number or LaTeX; the last number in the text (integers, decimals, negatives,
+    ``1,234`` -> ``"1234"``). With ``"boxed"`` only the last box counts, so a completion
+    that ends on a stray number without a box has no answer.
     Surrounding ``$`` and trailing periods are stripped.
     """
     if not isinstance(text, str) or not text:
         return None
     text = text.translate(_UNICODE_MINUS)
-    for find in (_last_boxed, _last_marked, _last_number):
+    finders = (_last_boxed,) if answer_format == "boxed" else (_last_boxed, _last_marked, _last_number)
+    for find in finders:
         candidate = find(text)
         if candidate:
             return candidate
@@ -206,13 +213,14 @@ def _gold_text(answer: str) -> str:
     return answer
 
 
-def verify(completion: str, answer: str) -> tuple[float, str | None]:
-    """Reward of a completion: ``(1.0, extracted)`` if its final answer equals ``answer``,
-    else ``(0.0, extracted)``; ``extracted`` is None where no answer was found.
+def verify(completion: str, answer: str, answer_format: AnswerFormat = "any") -> tuple[float, str | None]:
+    """Reward of a completion: ``(1.0, extracted)`` if its final answer (as
+    :func:`extract_answer` finds it with ``answer_format``) equals ``answer``, else
+    ``(0.0, extracted)``; ``extracted`` is None where no answer was found.
     Never raises on model text."""
     extracted = None
     try:
-        extracted = extract_answer(completion)
+        extracted = extract_answer(completion, answer_format)
         if extracted is None:
             return 0.0, None
         return (1.0 if answers_equal(extracted, _gold_text(answer)) else 0.0), extracted

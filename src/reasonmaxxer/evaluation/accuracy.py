@@ -27,11 +27,16 @@ def per_problem_rewards(rollouts: list[dict[str, Any]]) -> dict[str, list[float]
     return dict(out)
 
 
+def _correct(rewards: list[float]) -> int:
+    """How many samples are correct: reward 1 (a reward function's partial credit is not)."""
+    return sum(1 for r in rewards if r >= 1.0)
+
+
 def accuracy_summary(sampled: list[dict[str, Any]], greedy: list[dict[str, Any]] | None, k: int) -> dict[str, Any]:
     """pass@1 (mean over samples, then problems), pass@k, greedy accuracy and n."""
     rewards = per_problem_rewards(sampled)
-    p1 = [pass_at_k(len(r), int(sum(r)), 1) for r in rewards.values()]
-    pk = [pass_at_k(len(r), int(sum(r)), min(k, len(r))) for r in rewards.values()]
+    p1 = [pass_at_k(len(r), _correct(r), 1) for r in rewards.values()]
+    pk = [pass_at_k(len(r), _correct(r), min(k, len(r))) for r in rewards.values()]
     out: dict[str, Any] = {
         "n": len(rewards),
         "samples_per_problem": k,

@@ -27,7 +27,8 @@ from ..data.problem import Problem, read_split
 from ..data.sources import load_problems
 from ..errors import ConfigError, DataError
 from ..stages.model_card import write_model_card
-from ..stages.rollouts import run_rollouts
+from ..stages.rollouts import RolloutReward, run_rollouts
+from ..stages.sampling import resolve_prompt_format
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json, fingerprint, read_json, read_jsonl_cut_torn_tail
 from .accuracy import accuracy_summary, paired_bootstrap_delta, per_problem_rewards
@@ -89,10 +90,12 @@ def _reset_if_stale(folder: Path, side: str, settings: dict[str, Any]) -> None:
 
 
 def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config, out: Path, progress: bool,
-                *, adapter_path: Path, base_path: str, base_out: Path | None = None) -> dict[str, list[dict[str, Any]]]:
+                *, adapter_path: Path, base_path: str, base_out: Path | None = None,
+                reward: RolloutReward | None = None) -> dict[str, list[dict[str, Any]]]:
     """Sampled (k per problem) and greedy rollouts of base and adapter, same seeds for both.
 
     Base samples go to ``base_out`` (default ``out``): a sweep shares them between points.
+    ``reward`` (default: built from ``cfg``) scores them as the training rollouts were.
     """
     k = cfg.eval.num_samples
     # The adapter is sampled through PEFT in this process, so eval uses the fast backend
@@ -103,7 +106,11 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
                                      backend=backend)
     seed = cfg.seed + 7919  # not the training rollouts' seed
     shared = {"base": base_path, "rollout": dataclasses.asdict(cfg.rollout), "eval": dataclasses.asdict(cfg.eval),
-              "data": dataclasses.asdict(cfg.data), "problems": [p.id for p in problems], "seed": cfg.seed}
+              "data": dataclasses.asdict(cfg.data), "reward": dataclasses.asdict(cfg.reward),
+              "problems": [p.id for p in problems], "seed": cfg.seed}
+    # Same prompts and rewards as the training rollouts; the reward function is imported once.
+    reward = reward if reward is not None else RolloutReward.from_config(cfg)
+    prompt_format = resolve_prompt_format(tokenizer, cfg.data)
     folders = {"base": base_out or out, "adapter": out}
     _reset_if_stale(folders["base"], "base", shared)
     _reset_if_stale(out, "adapter", {**shared, "adapter": _file_digest(adapter_path / "adapter_model.safetensors")})
@@ -116,10 +123,12 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
             ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
             with ctx:
                 run_rollouts(model, tokenizer, problems, cfg.data, sampled_cfg, folder / f"{who}_samples.jsonl",
-                             seed=seed, progress=progress, desc=f"eval {who} samples")
+                             seed=seed, progress=progress, desc=f"eval {who} samples", reward=reward,
+                             prompt_format=prompt_format)
                 if cfg.eval.greedy:
                     run_rollouts(model, tokenizer, problems, cfg.data, greedy_cfg, folder / f"{who}_greedy.jsonl",
-                                 seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy")
+                                 seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy",
+                                 reward=reward, prompt_format=prompt_format)
         finally:
             if who == "adapter":
                 model.unmerge_adapter()
@@ -248,13 +257,14 @@ def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, prog
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     problems = heldout_problems(cfg)
+    reward = RolloutReward.from_config(cfg)  # a bad reward.function stops before the model loads
     model, tokenizer = load_policy(base_path, adapter_path, cfg)
     entropy_temperature = cfg.entropy_temperature
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     samples = sample_both(model, tokenizer, problems, cfg, out / "eval_samples", progress,
-                          adapter_path=adapter_path, base_path=base_path, base_out=base_samples_dir)
+                          adapter_path=adapter_path, base_path=base_path, base_out=base_samples_dir, reward=reward)
     timings["sampling_s"] = time.perf_counter() - t0
     accuracy = accuracy_report(samples, cfg)
     atomic_write_json(out / "accuracy.json", accuracy)

@@ -3,8 +3,9 @@
 Every ``eval.every_steps`` optimizer steps (and once before the first, and after the
 last) the policy — the LoRA adapter enabled, in eval mode so no dropout — samples
 ``eval.num_samples`` completions for each of the first ``eval.during_training_problems``
-held-out problems with the ``fast`` backend, from the same chat prompts and at the same
-temperature/top_p as the rollouts. :func:`~reasonmaxxer.data.rewards.verify` checks them.
+held-out problems with the ``fast`` backend, from the same prompts (chat or plain) and at
+the same temperature/top_p as the rollouts, rewarded as the rollouts are (the built-in
+verifier or ``reward.function``: :class:`~reasonmaxxer.stages.rollouts.RolloutReward`).
 
 The numbers go into the Trainer's log as ``eval_pass_at_1``, ``eval_mean_completion_tokens``
 and ``eval_seconds`` (plus its ``step``): into ``train_log.json`` and, through the
@@ -38,9 +39,10 @@ from transformers import TrainerCallback
 
 from ..config import DataConfig, RolloutConfig
 from ..data.problem import Problem
-from ..data.rewards import verify
+from ..data.prompts import user_message
 from ..utils import distributed as dist
-from .sampling import chat_prompt_ids, eos_token_ids, generate_batch
+from .rollouts import RolloutReward
+from .sampling import eos_token_ids, generate_batch, prompt_ids, resolve_prompt_format
 
 
 def sharded_weights(training: dict[str, Any]) -> str | None:
@@ -78,7 +80,7 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def sample_heldout(model: Any, tokenizer: Any, problems: list[Problem], data: DataConfig, cfg: RolloutConfig,
-                   *, seed: int) -> dict[str, dict[str, list[Any]]]:
+                   *, seed: int, reward: RolloutReward | None = None) -> dict[str, dict[str, list[Any]]]:
     """``cfg.num_samples`` completions per problem, verified, from every process's share of batches.
 
     Problems are batched by prompt length (``cfg.batch_size`` sequences a batch); batch
@@ -86,8 +88,10 @@ def sample_heldout(model: Any, tokenizer: Any, problems: list[Problem], data: Da
 
     Returns, per problem id, ``{"rewards": [...], "tokens": [...]}`` (one entry per sample).
     """
+    reward = reward or RolloutReward()
     eos_ids = eos_token_ids(model, tokenizer)
-    prompts = {p.id: chat_prompt_ids(tokenizer, p, data) for p in problems}
+    prompt_format = resolve_prompt_format(tokenizer, data, log=False)
+    prompts = {p.id: prompt_ids(tokenizer, p, data, prompt_format) for p in problems}
     order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
     per_call = max(1, cfg.batch_size // cfg.num_samples)
     batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]
@@ -98,7 +102,9 @@ def sample_heldout(model: Any, tokenizer: Any, problems: list[Problem], data: Da
                                  seed=seed * 100003 + b)
         for problem, samples in zip(batch, results):
             texts = [tokenizer.decode(completion, skip_special_tokens=True) for completion, _ in samples]
-            mine[problem.id] = {"rewards": [float(verify(text, problem.answer)[0]) for text in texts],
+            scores = reward.score([problem] * len(samples), [user_message(data.user_template(), problem.prompt)] *
+                                  len(samples), texts, [completion for completion, _ in samples])
+            mine[problem.id] = {"rewards": [float(r) for r, _ in scores],
                                 "tokens": [len(completion) for completion, _ in samples]}
     merged: dict[str, dict[str, list[Any]]] = {}
     for part in dist.gather_objects(mine):
@@ -110,7 +116,8 @@ class HeldoutEval(TrainerCallback):
     """Log held-out pass@1 of the policy at step 0, every ``every_steps`` steps, and at the last step."""
 
     def __init__(self, trainer: Any, problems: list[Problem], data: DataConfig, rollout: RolloutConfig, *,
-                 every_steps: int, num_samples: int, seed: int):
+                 every_steps: int, num_samples: int, seed: int,
+                 reward: RolloutReward | None = None):
         if every_steps < 1 or not problems:
             raise ValueError("HeldoutEval needs every_steps >= 1 and at least one problem")
         self.trainer = trainer
@@ -120,6 +127,7 @@ class HeldoutEval(TrainerCallback):
         self.sampling = dataclasses.replace(rollout, num_samples=num_samples, backend="fast")
         self.every_steps = every_steps
         self.seed = seed
+        self.reward = reward or RolloutReward()
 
     def measure(self, step: int) -> dict[str, float]:
         """Sample and verify with the model as it is now; the metrics as they are logged."""
@@ -128,7 +136,7 @@ class HeldoutEval(TrainerCallback):
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             found = sample_heldout(model, tokenizer, self.problems, self.data, self.sampling,
-                                   seed=step_seed(self.seed, step))
+                                   seed=step_seed(self.seed, step), reward=self.reward)
         tokens = [n for p in found.values() for n in p["tokens"]]
         return {
             "eval_pass_at_1": pass_at_1([p["rewards"] for p in found.values()]),

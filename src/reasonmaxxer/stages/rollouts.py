@@ -8,17 +8,52 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from tqdm.auto import tqdm
 
-from ..config import DataConfig, RolloutConfig
+from ..config import Config, DataConfig, RolloutConfig
 from ..data.problem import Problem
-from ..data.rewards import verify
+from ..data.prompts import user_message
+from ..data.reward_functions import RewardFunction, call_reward_function, load_reward_function
+from ..data.rewards import AnswerFormat, verify
 from ..utils import distributed as dist
 from ..utils.storage import append_jsonl, read_jsonl_cut_torn_tail, write_jsonl
-from .sampling import chat_prompt_ids, eos_token_ids, generate_batch
+from .sampling import eos_token_ids, generate_batch, prompt_ids, resolve_prompt_format
+
+
+@dataclass(frozen=True)
+class RolloutReward:
+    """How rollouts are rewarded: the built-in verifier, or the user's ``reward.function`` (imported once)."""
+
+    answer_format: AnswerFormat = "any"
+    function: RewardFunction | None = None
+    spec: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> RolloutReward:
+        """The run's reward; imports ``reward.function`` (one-line ConfigError when it cannot)."""
+        spec = cfg.reward.function
+        if spec is not None:
+            return cls(function=load_reward_function(spec), spec=spec)
+        return cls(answer_format=cfg.answer_format)
+
+    def score(self, problems: list[Problem], prompts: list[str], completions: list[str],
+              completion_ids: list[list[int]]) -> list[tuple[float, str | None]]:
+        """(reward, extracted answer) per completion; ``problems[i]`` is completion i's problem.
+
+        A user function is called once for the whole batch, TRL style; it extracts nothing.
+        """
+        if self.function is None:
+            return [verify(text, p.answer, self.answer_format) for p, text in zip(problems, completions)]
+        rewards = call_reward_function(
+            self.function, self.spec or "", prompts=prompts, completions=completions, completion_ids=completion_ids,
+            answer=[p.answer for p in problems], kind=[p.kind for p in problems],
+            problem_id=[p.id for p in problems],
+        )
+        return [(r, None) for r in rewards]
 
 
 def run_rollouts(
@@ -34,16 +69,24 @@ def run_rollouts(
     on_batch: Callable[[int], None] | None = None,
     do_sample: bool = True,
     desc: str = "rollouts",
+    reward: RolloutReward | None = None,
+    prompt_format: Literal["chat", "plain"] | None = None,
 ) -> dict[str, Any]:
     """Sample, verify and append rollouts to ``out_path``; resume from what it holds.
 
     Problems are cut into fixed batches (by prompt length, for less padding); each batch
     has its own seed and is written whole after it finishes, so a resumed run skips the
     finished batches and produces the same rollouts as an uninterrupted one.
+
+    ``reward`` defaults to the built-in verifier; ``prompt_format`` (resolved: chat or
+    plain) to ``data.prompt_format`` resolved here, said in one log line.
     """
     start = time.perf_counter()
+    reward = reward if reward is not None else RolloutReward()
+    if prompt_format is None:
+        prompt_format = resolve_prompt_format(tokenizer, data, log=dist.is_main())
     eos_ids = eos_token_ids(model, tokenizer)
-    prompts = {p.id: chat_prompt_ids(tokenizer, p, data) for p in problems}
+    prompts = {p.id: prompt_ids(tokenizer, p, data, prompt_format) for p in problems}
     order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
     per_call = max(1, cfg.batch_size // cfg.num_samples)
     batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]
@@ -75,16 +118,18 @@ def run_rollouts(
             b, batch = mine
             results = generate_batch(model, tokenizer, [prompts[p.id] for p in batch], cfg, eos_ids,
                                      seed=seed * 100003 + b, do_sample=do_sample)
-            for problem, samples in zip(batch, results):
-                for j, (completion, finish) in enumerate(samples):
-                    text = tokenizer.decode(completion, skip_special_tokens=True)
-                    reward, extracted = verify(text, problem.answer)
-                    records.append({
-                        "problem_id": problem.id, "sample": j, "kind": problem.kind,
-                        "answer": problem.answer, "prompt_ids": prompts[problem.id],
-                        "completion_ids": completion, "text": text, "finish": finish,
-                        "reward": reward, "extracted": extracted,
-                    })
+            flat = [(problem, j, completion, finish)
+                    for problem, samples in zip(batch, results) for j, (completion, finish) in enumerate(samples)]
+            texts = [tokenizer.decode(completion, skip_special_tokens=True) for _, _, completion, _ in flat]
+            scores = reward.score([p for p, *_ in flat], [user_message(data.user_template(), p.prompt) for p, *_ in flat],
+                                  texts, [c for _, _, c, _ in flat])
+            for (problem, j, completion, finish), text, (value, extracted) in zip(flat, texts, scores):
+                records.append({
+                    "problem_id": problem.id, "sample": j, "kind": problem.kind,
+                    "answer": problem.answer, "prompt_ids": prompts[problem.id],
+                    "completion_ids": completion, "text": text, "finish": finish,
+                    "reward": value, "extracted": extracted,
+                })
         for source, done in enumerate(dist.gather_objects(None if mine is None else (mine[0], records))):
             if done is None:
                 continue

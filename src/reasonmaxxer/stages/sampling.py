@@ -5,12 +5,35 @@ Shapes: B rows being decoded (prompts x samples), V vocabulary.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Literal, Sequence
 
 import torch
 
 from ..config import DataConfig, RolloutConfig
 from ..data.problem import Problem
+from ..data.prompts import user_message
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_prompt_format(tokenizer: Any, data: DataConfig, *, log: bool = True) -> Literal["chat", "plain"]:
+    """``data.prompt_format`` with ``auto`` decided by whether the tokenizer has a chat template.
+
+    ``log`` says the outcome in one INFO line (call it so once per run).
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if data.prompt_format == "chat" and not has_template:
+        raise ConfigError("data.prompt_format: 'chat' needs a tokenizer with a chat template, and this model's "
+                          "has none; use 'plain' (or 'auto') for a base model")
+    chosen = "plain" if data.prompt_format == "plain" or not has_template else "chat"
+    if log:
+        reason = "data.prompt_format"
+        if data.prompt_format == "auto":
+            reason = f"auto: the tokenizer has {'a' if has_template else 'no'} chat template"
+        logger.info("prompts: %s format (%s)", chosen, reason)
+    return chosen
 
 
 def chat_prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig) -> list[int]:
@@ -18,9 +41,27 @@ def chat_prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig) -> list[
     messages = []
     if data.system_prompt:
         messages.append({"role": "system", "content": data.system_prompt})
-    messages.append({"role": "user", "content": data.prompt_template.replace("{question}", problem.prompt)})
+    messages.append({"role": "user", "content": user_message(data.user_template(), problem.prompt)})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def plain_prompt_text(problem: Problem, data: DataConfig) -> str:
+    """The bare-text prompt of a base model: the system prompt (if any), a blank line, the user message."""
+    user = user_message(data.user_template(), problem.prompt)
+    return f"{data.system_prompt}\n\n{user}" if data.system_prompt else user
+
+
+def plain_prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig) -> list[int]:
+    """The plain prompt tokenized with the tokenizer's own special tokens (a BOS where the model uses one)."""
+    return tokenizer(plain_prompt_text(problem, data), add_special_tokens=True)["input_ids"]
+
+
+def prompt_ids(tokenizer: Any, problem: Problem, data: DataConfig, prompt_format: Literal["chat", "plain"]) -> list[int]:
+    """The token ids the model is given for ``problem``, in a resolved format (see resolve_prompt_format)."""
+    if prompt_format == "chat":
+        return chat_prompt_ids(tokenizer, problem, data)
+    return plain_prompt_ids(tokenizer, problem, data)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

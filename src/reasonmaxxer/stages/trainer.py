@@ -34,6 +34,7 @@ from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json
 from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, push_adapter, run_name, write_model_card
+from .rollouts import RolloutReward
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
@@ -314,7 +315,8 @@ def build_trainer(
     )
     if cfg.eval.every_steps > 0:
         trainer.add_callback(HeldoutEval(trainer, heldout, cfg.data, cfg.rollout, every_steps=cfg.eval.every_steps,
-                                         num_samples=cfg.eval.num_samples, seed=cfg.seed))
+                                         num_samples=cfg.eval.num_samples, seed=cfg.seed,
+                                         reward=RolloutReward.from_config(cfg)))
     return trainer
 
 
