@@ -57,6 +57,9 @@ class Tracker:
         t = cfg.tracking
         kwargs = dict(project=t.project, entity=t.entity, name=t.run_name or run_dir.name, group=t.group,
                       tags=t.tags or None, config=redact(cfg.to_dict()), dir=str(run_dir))
+        sweep_id = os.environ.get("WANDB_SWEEP_ID")
+        if sweep_id:  # explicit: wandb reads the environment once per process, at its first setup
+            kwargs["settings"] = wandb.Settings(sweep_id=sweep_id)
         try:
             self.run = wandb.init(**kwargs)
         except Exception as err:  # network, auth, server: never crash a run over logging
