@@ -106,6 +106,8 @@ def test_local_base_has_no_base_model_key(tmp_path):
     ([], "my-run"),
     (["--tracking.run_name", "named"], "named"),
     (["--tracking.run_name", "named", "--training.hub_model_id", "org/chosen"], "org/chosen"),
+    (["--tracking.run_name", "gate.k=2,gate.mode=topk"], "gate.k-2-gate.mode-topk"),  # a sweep point's name
+    (["--tracking.run_name", "x" * 120], "x" * 96),
 ])
 def test_hub_repo_id(tmp_path, overrides, repo):
     cfg, _ = _run(tmp_path, *overrides)

@@ -10,6 +10,7 @@ reads to list the adapter under its base model.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,15 @@ def run_name(cfg: Config) -> str:
 
 
 def hub_repo_id(cfg: Config) -> str:
-    """Where ``training.push_to_hub`` uploads: ``training.hub_model_id``, else the run's name."""
-    return cfg.training.get("hub_model_id") or run_name(cfg)
+    """Where ``training.push_to_hub`` uploads: ``training.hub_model_id``, else the run's name.
+
+    A run name becomes a valid Hub repo name (letters, digits, ``-_.``, at most 96
+    characters): a sweep point's folder name holds ``=`` and ``,``.
+    """
+    if cfg.training.get("hub_model_id"):
+        return cfg.training["hub_model_id"]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name(cfg)).strip("-.")[:96].rstrip("-.")
+    return name or "reasonmaxxer-adapter"
 
 
 def _fmt(value: Any) -> str:
