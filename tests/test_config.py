@@ -181,3 +181,65 @@ def test_prompt_preset_reward_and_data_options_resolve():
     files = load_config(None, ["--data.source", "hf", "--data.name", "json",
                                "--data.data_files", "{train: [a.jsonl, b.jsonl], test: c.jsonl}"]).data.data_files
     assert files == {"train": ["a.jsonl", "b.jsonl"], "test": "c.jsonl"}
+
+
+# --------------------------------------------------------------------------- the paper's presets
+
+PAPER = {  # the paper's recipe, as its text states it (not read from the presets)
+    "rollout": {"num_samples": 20, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8192},
+    "scoring": {"entropy_temperature": 1.0},
+    "selection": {"trim_longest": 0.2, "advantages_over": "kept", "advantage_clip": 2.5},
+    "gate": {"mode": "threshold", "tau": 1.4},
+    "loss": {"variant": "signed", "kl_coef": 0.2, "neg_prob_floor": 0.0, "floored_forks": "anchor",
+             "kl_anchor": "exact", "kl_on_prompt": True},
+    "lora": {"r": 32, "alpha": 64, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "data": {"num_train": 300, "prompt_preset": "boxed"},
+}
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-1.5b", "qwen2.5-math-7b"])
+def test_paper_presets_load_with_a_tiny_model_and_match_the_recipe(name, tiny_model_dir):
+    cfg = load_config(ROOT / "configs" / "paper" / f"{name}.yaml",
+                      ["--model.name_or_path", str(tiny_model_dir), "--data.source", "builtin"])
+    for section, values in PAPER.items():
+        for key, want in values.items():
+            assert getattr(getattr(cfg, section), key) == want, f"{section}.{key}"
+    assert cfg.gate.effective()["tau"] == 1.4 and cfg.entropy_temperature == 1.0
+    assert cfg.answer_format == "boxed"
+    t = cfg.training
+    assert (t["learning_rate"], t["warmup_steps"], t["max_steps"]) == (1e-4, 50, 149)
+    assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"], t["bf16"]) == (1, 8, True)
+
+
+def test_kl_on_prompt_needs_the_exact_anchor():
+    with pytest.raises(ConfigError, match=r"^loss.kl_on_prompt: needs loss.kl_anchor: exact"):
+        load_config(None, ["--loss.kl_on_prompt", "true", "--loss.kl_anchor", "cached"])
+    assert load_config(None, ["--loss.kl_on_prompt", "true", "--loss.kl_anchor", "exact"]).loss.kl_on_prompt
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gate.tau_pos", "-1", "gate.tau_pos: must be >= 0, got -1.0"),
+    ("gate.tau_neg", "-0.5", "gate.tau_neg: must be >= 0, got -0.5"),
+    ("loss.hinge_margin_neg", "-1", "loss.hinge_margin_neg: must be >= 0, got -1.0"),
+    ("loss.floored_forks", "keep", "loss.floored_forks: 'keep' is not one of"),
+    ("selection.advantages_over", "some", "selection.advantages_over: 'some' is not one of"),
+    ("loss.variant", "sft", "loss.variant: 'sft' is not one of"),
+])
+def test_paper_options_out_of_range_are_one_line(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"--{key}", value])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_entropy_is_measured_at_temperature_one_by_default():
+    cfg = load_config(None, [])
+    assert cfg.scoring.entropy_temperature == 1.0 and cfg.entropy_temperature == 1.0
+    assert cfg.rollout.temperature == 0.6
+    # null: the rollout temperature, as before
+    assert load_config(None, ["--scoring.entropy_temperature", "null"]).entropy_temperature == 0.6
+
+
+def test_tau_pos_and_tau_neg_join_the_gate_fingerprint_only_when_set():
+    assert "tau_pos" not in load_config(None, []).gate.effective()
+    eff = load_config(None, ["--gate.tau_pos", "1.2"]).gate.effective()
+    assert eff["tau_pos"] == 1.2 and "tau_neg" not in eff

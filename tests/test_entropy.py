@@ -616,3 +616,69 @@ def test_random_gate_rejects_a_bad_reference():
     entropy, mask = _padded_batch()
     with pytest.raises(ValueError, match="reference"):
         fork_mask(entropy, mask, mode="random", reference="all", tau=1.0)
+
+
+# --------------------------------------------------------------------------- non-finite logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_plus_inf_logits_give_nan_entropy_not_zero(bad, temperature):
+    """A broken row must not look certain (entropy 0 would make it 'never a fork')."""
+    z = torch.tensor([[0.0, 1.0, 2.0], [0.0, bad, 1.0], [float("-inf"), 0.0, 1.0], [float("-inf")] * 3])
+    h = token_entropy(z, temperature=temperature)
+    stats = token_stats(z.unsqueeze(0), torch.zeros(1, 4, dtype=torch.long), entropy_temperature=temperature)
+    for got in (h, stats["entropy"][0]):
+        assert torch.isnan(got[1])
+        # finite rows, -inf (masked vocabulary) included, keep their finite entropy
+        want = Categorical(logits=z[:3:2] / temperature).entropy()
+        torch.testing.assert_close(got[:3:2], want)
+        assert got[3] == 0.0  # a fully masked row: no distribution, entropy 0
+
+
+# --------------------------------------------------------------------------- threshold: tau_pos / tau_neg
+
+
+def test_threshold_per_row_taus_against_a_loop():
+    entropy = torch.rand(4, 9, generator=_gen(5)) * 3
+    comp = torch.ones(4, 9)
+    comp[1, 6:] = 0
+    positive = torch.tensor([True, False, True, False])
+    got = fork_mask(entropy, comp, mode="threshold", tau=1.4, tau_pos=2.0, tau_neg=0.8, positive=positive)
+    for b in range(4):
+        cut = 2.0 if positive[b] else 0.8
+        for t in range(9):
+            assert bool(got[b, t]) == (bool(comp[b, t]) and float(entropy[b, t]) > cut)
+    # random matches the per-row counts of that gate
+    rnd = fork_mask(entropy, comp, mode="random", tau=1.4, tau_pos=2.0, tau_neg=0.8, positive=positive,
+                    generator=_gen(0))
+    assert torch.equal(rnd.sum(-1), got.sum(-1))
+    with pytest.raises(ValueError, match="positive"):
+        fork_mask(entropy, comp, mode="threshold", tau=1.4, tau_pos=2.0)
+    # equal taus need no per-row sign: the old signature still works
+    assert torch.equal(fork_mask(entropy, comp, mode="threshold", tau=1.4, tau_pos=1.4),
+                       fork_mask(entropy, comp, mode="threshold", tau=1.4))
+
+
+# --------------------------------------------------------------------------- quantile: TRL's float32 rank
+
+
+def test_quantile_gate_tie_rule_differs_from_torch_quantile_float32_rank():
+    """The documented difference (quantile_threshold's docstring) from TRL's rule.
+
+    TRL's get_high_entropy_mask: cut = torch.quantile(entropies.float(), 1 - q), forks are
+    entropies >= cut. torch.quantile forms the rank (1 - q) * (N - 1) in float32: for q 0.28
+    and N 76 the float64 rank is exactly 54, the float32 one a little above, so TRL's cut
+    lies above the 55th smallest value and leaves that token out; the project keeps it.
+    """
+    entropy = torch.arange(76, dtype=torch.float32).reshape(1, -1) / 10
+    comp = torch.ones_like(entropy)
+    q = 0.28
+    trl = entropy >= torch.quantile(entropy.float(), 1 - q)
+    ours = fork_mask(entropy, comp, mode="quantile", quantile=q)
+    rank = (1 - q) * (76 - 1)  # Python float64
+    assert rank == 54.0
+    assert int(ours.sum()) == 76 - 54 == 22
+    assert int(trl.sum()) == 21
+    assert ours[0, 54] and not trl[0, 54]
+    assert torch.equal(ours[0, 55:], trl[0, 55:])

@@ -58,6 +58,29 @@ def test_accuracy_summary_vs_hand_computation():
     assert out["mean_completion_tokens"] == pytest.approx(4.0)
 
 
+def test_pass_at_k_with_fewer_than_k_samples_is_not_reported_as_pass_at_k():
+    # problem a: 4 samples (2 correct); problem b: only 2 samples (1 correct); k = 4
+    rows = [{"problem_id": "a", "reward": r, "completion_ids": [1]} for r in (1, 0, 1, 0)]
+    rows += [{"problem_id": "b", "reward": r, "completion_ids": [1]} for r in (0, 1)]
+    out = accuracy_summary(rows, None, k=4)
+    assert out["pass_at_4"] is None  # b cannot give a pass@4
+    assert out["min_samples_per_problem"] == 2
+    # pass@2 by brute force over pairs: a: 1 - C(2,2)/C(4,2) = 5/6; b: 1
+    assert out["pass_at_2"] == pytest.approx((5 / 6 + 1.0) / 2)
+    full = accuracy_summary(rows[:4], None, k=4)
+    assert full["pass_at_4"] == pytest.approx(1.0) and "pass_at_2" not in full
+
+
+def test_pass_at_1_by_kind_averages_per_problem_then_over_problems():
+    # kind add: problem a 1/4 correct, problem c 1/1 correct -> (0.25 + 1) / 2, not 2/5 pooled
+    rows = [{"problem_id": "a", "reward": r, "kind": "add", "completion_ids": [1]} for r in (1, 0, 0, 0)]
+    rows += [{"problem_id": "c", "reward": 1, "kind": "add", "completion_ids": [1]}]
+    rows += [{"problem_id": "b", "reward": r, "kind": "mul", "completion_ids": [1]} for r in (1, 0, 0)]
+    out = accuracy_summary(rows, None, k=1)
+    assert out["pass_at_1_by_kind"] == {"add": pytest.approx(0.625), "mul": pytest.approx(1 / 3)}
+    assert out["pass_at_1"] == pytest.approx((0.25 + 1.0 + 1 / 3) / 3)
+
+
 def test_partial_credit_is_not_a_correct_sample():
     # A reward function may give partial credit; pass@k counts only reward 1 as correct.
     rows = [{"problem_id": "a", "reward": r, "completion_ids": [1]} for r in (0.5, 0.5, 0.5, 1.0)]

@@ -314,9 +314,12 @@ def _brute_loss(policy_logp, base_logp, adv, fork, comp, kl, *, kl_coef, variant
             sgn = (A(b) > 0) - (A(b) < 0)
             vals.append(abs(A(b)) * max(0.0, hinge_margin - sgn * (lp(b, t) - blp(b, t))))
         fork_term = mean(vals)
+    elif variant == "correct_sft":  # unweighted NLL at correct forks; every other position anchored
+        fork_term = mean([-lp(b, t) for b, t in pos])
     else:
         raise AssertionError(variant)
-    kl_term = mean([float(kl[b, t]) for b, t in N_])
+    anchored = N_ + [x for x in F_ if x not in pos] if variant == "correct_sft" else N_
+    kl_term = mean([float(kl[b, t]) for b, t in anchored])
     n_comp = len(F_) + len(N_)
     stats = {
         "fork_term": fork_term,
@@ -331,7 +334,7 @@ def _brute_loss(policy_logp, base_logp, adv, fork, comp, kl, *, kl_coef, variant
         "dlogp_pos_forks": mean([lp(b, t) - blp(b, t) for b, t in pos]),
         "dlogp_neg_forks": mean([lp(b, t) - blp(b, t) for b, t in neg]),
         "kl_fork_mean": mean([float(kl[b, t]) for b, t in F_]),
-        "kl_nonfork_mean": kl_term,
+        "kl_nonfork_mean": mean([float(kl[b, t]) for b, t in N_]),
     }
     return stats
 
@@ -497,7 +500,8 @@ def test_no_fork_in_batch(variant):
     l0.backward()
 
 
-@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+# correct_sft anchors the wrong rollouts' forks, so its KL term is not zero here.
+@pytest.mark.parametrize("variant", [v for v in LOSS_VARIANTS if v != "correct_sft"])
 def test_all_forks_kl_term_zero(variant):
     batch = _batch(6, floor_safe=True)
     batch["fork_mask"] = batch["completion_mask"].bool()

@@ -217,3 +217,34 @@ def test_score_rollouts_without_topk(model, tmp_path: Path) -> None:
         assert set(scores[i]) == {"entropy", "logp"}
         ref = _reference_row(model, r["prompt_ids"], r["completion_ids"], 0.6, 0)
         torch.testing.assert_close(scores[i]["logp"], ref["logp"], atol=ATOL, rtol=0)
+
+
+def test_score_rollouts_stops_at_a_nan_entropy_naming_rollout_and_position(model, tmp_path: Path) -> None:
+    """A model that produces NaN logits is a one-line error (exit 3), not silently 'no forks'."""
+    import copy
+
+    from reasonmaxxer.errors import NonFiniteScoresError
+
+    broken = copy.deepcopy(model)
+    calls = []
+
+    def overflow_once(module, args, out):  # the head's 2nd chunk (positions 2-3): +inf at position 3 of row 1
+        calls.append(1)
+        if len(calls) == 2:
+            out = out.clone()
+            out[1, -1, 0] = float("inf")
+        return out
+
+    broken.get_output_embeddings().register_forward_hook(overflow_once)
+    rollouts = [
+        {"prompt_ids": [3, 4, 5], "completion_ids": [6, 7, 8, 9]},
+        {"prompt_ids": [4, 5], "completion_ids": [6, 7, 10, 8, 9]},
+    ]
+    with pytest.raises(NonFiniteScoresError) as err:
+        score_rollouts(broken, rollouts, tmp_path / "scores", **dict(KW, batch_size=8, chunk_size=2))
+    assert err.value.exit_code == 3
+    assert str(err.value).startswith("scoring: rollout 1, completion position 3: the base model's entropy is nan")
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "scores").glob("shard-*"))
+    # the healthy model scores the same rollouts
+    score_rollouts(model, rollouts, tmp_path / "ok", **dict(KW, batch_size=8))

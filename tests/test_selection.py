@@ -214,3 +214,41 @@ def test_select_everything_dropped_raises() -> None:
     rollouts = _make_rollouts(seed=1, truncated=set(range(len(_make_rollouts(seed=1)))))
     with pytest.raises(DataError, match="drop_truncated"):
         select_rollouts(rollouts, SelectionConfig(drop_truncated=True))
+
+
+def _brute_kept_pool(rollouts, *, trim, drop_truncated=False, clip=2.5):
+    """The paper's recipe per problem: drop truncated, keep the shortest round((1 - trim) n), z-score those."""
+    out = {}
+    for pid in MIXED_ORDER:
+        idx = [i for i, r in enumerate(rollouts) if r["problem_id"] == pid
+               and not (drop_truncated and r["finish"] != "eos")]
+        idx.sort(key=lambda i: (len(rollouts[i]["completion_ids"]), i))
+        kept = idx[: max(1, round((1 - trim) * len(idx)))]
+        adv = _brute_advantages([float(rollouts[i]["reward"]) for i in kept], clip)
+        out.update(dict(zip(kept, adv)))
+    return out
+
+
+@pytest.mark.parametrize("trim, drop_truncated", [(0.2, False), (0.25, False), (0.4, True), (0.0, True)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_advantages_over_the_kept_pool_per_problem(trim, drop_truncated, seed) -> None:
+    rollouts = _make_rollouts(seed, truncated={1, 5, 8})
+    cfg = SelectionConfig(trim_longest=trim, advantages_over="kept", drop_truncated=drop_truncated)
+    rows, summary = select_rollouts(rollouts, cfg)
+    want = _brute_kept_pool(rollouts, trim=trim, drop_truncated=drop_truncated)
+    assert {r["rollout_index"] for r in rows} == set(want)
+    for r in rows:
+        assert r["advantage"] == pytest.approx(want[r["rollout_index"]], abs=1e-5)
+    assert summary["rollouts_kept"] == len(want)
+
+
+def test_kept_pool_advantages_differ_from_whole_group_ones() -> None:
+    # Problem A [1, 0, 1, 0]: trimming its longest wrong rollout leaves [1, 1, 0] (or similar):
+    # the advantages are z-scored over those three, not over the four.
+    rollouts = [{"problem_id": "A", "reward": r, "finish": "eos", "completion_ids": [0] * n}
+                for r, n in [(1, 3), (0, 4), (1, 5), (0, 9)]]
+    kept, _ = select_rollouts(rollouts, SelectionConfig(trim_longest=0.25, advantages_over="kept"))
+    over_all, _ = select_rollouts(rollouts, SelectionConfig(trim_longest=0.25, advantages_over="all"))
+    assert [r["rollout_index"] for r in kept] == [r["rollout_index"] for r in over_all] == [0, 1, 2]
+    assert [r["advantage"] for r in kept] == pytest.approx(_brute_advantages([1.0, 0.0, 1.0], 2.5), abs=1e-5)
+    assert [r["advantage"] for r in over_all] == pytest.approx([1.0, -1.0, 1.0], abs=1e-5)

@@ -339,3 +339,54 @@ def test_trl_card_in_checkpoints_names_the_base_and_the_run(tiny_model_dir, tmp_
     assert "[None]" not in card and "None" not in card.split("## Quick start")[1].split("```")[1]
     assert f"fine-tuned version of [{tiny_model_dir.name}]" in card and 'model="my-run"' in card
     assert trainer.model.config._name_or_path == str(tiny_model_dir)  # restored after writing
+
+
+def _paper_reference(base, policy, batch, *, tau_pos, tau_neg, kl_coef, floor, prompt=True):
+    """The paper's adv_ce with prompt positions anchored: one plain forward per row, loops over positions."""
+    fork_sum, n_eff, kl_sum, n_anchor = 0.0, 0, 0.0, 0
+    for b in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][b].bool()
+        ids = batch["input_ids"][b][keep].unsqueeze(0)
+        L = int(batch["completion_mask"][b].sum())
+        a = float(batch["advantages"][b])
+        with torch.no_grad():
+            base_logits = base(ids).logits[0, :-1]  # column j predicts token j + 1
+            pol_logits = policy(ids).logits[0, :-1]
+        first_completion = ids.shape[1] - L - 1
+        for j in range(ids.shape[1] - 1):
+            pb = torch.distributions.Categorical(logits=base_logits[j])
+            pp = torch.distributions.Categorical(logits=pol_logits[j])
+            kl = torch.distributions.kl_divergence(pb, pp).item()
+            if j < first_completion:  # predicts a prompt token: anchored
+                if prompt:
+                    kl_sum, n_anchor = kl_sum + kl, n_anchor + 1
+                continue
+            logp = pp.log_prob(ids[0, j + 1]).item()
+            is_fork = pb.entropy().item() > (tau_pos if a > 0 else tau_neg)
+            floored = a < 0 and floor > 0 and torch.exp(torch.tensor(logp)).item() <= floor
+            if is_fork and not floored:
+                fork_sum, n_eff = fork_sum + a * -logp, n_eff + 1
+            else:
+                kl_sum, n_anchor = kl_sum + kl, n_anchor + 1
+    return fork_sum / max(n_eff, 1) + kl_coef * kl_sum / max(n_anchor, 1)
+
+
+def test_paper_options_in_compute_loss_match_brute_force(tiny_model_dir, tmp_path):
+    """tau_pos/tau_neg, floored forks anchored, and the prompt positions in the anchor."""
+    tau = _median_base_entropy(tiny_model_dir)
+    trainer, batch, base = _trainer(tiny_model_dir, tmp_path, [
+        "--loss.kl_anchor", "exact", "--loss.kl_on_prompt", "true", "--loss.floored_forks", "anchor",
+        "--loss.neg_prob_floor", "0.003", "--gate.tau_pos", str(tau * 0.98), "--gate.tau_neg", str(tau * 1.02)])
+    _perturb_lora(trainer.model)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    expected = _paper_reference(base, trainer.model, batch, tau_pos=tau * 0.98, tau_neg=tau * 1.02,
+                                kl_coef=0.2, floor=0.003)
+    assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # without the prompt positions the value differs: the option is not a no-op here
+    without = _paper_reference(base, trainer.model, batch, tau_pos=tau * 0.98, tau_neg=tau * 1.02,
+                               kl_coef=0.2, floor=0.003, prompt=False)
+    assert abs(expected - without) > 1e-4
+    loss.backward()
+    grads = [p.grad for n, p in trainer.model.named_parameters() if "lora_" in n]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -24,3 +24,9 @@ class TrainingDivergedError(UserError):
     """The loss or the adapter stopped being finite; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class NonFiniteScoresError(UserError):
+    """The base model gave a NaN/inf entropy or log-prob at scoring (a broken or overflowing model)."""
+
+    exit_code = 3

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..core.gate import GateMode, ReferenceMode
-from ..core.loss import LossVariant
+from ..core.loss import FlooredForks, LossVariant
 from ..data.builtin import PROBLEM_KINDS
 from ..data.prompts import PROMPT_PRESETS, PromptFormat, PromptPreset
 from ..data.rewards import AnswerFormat
@@ -184,7 +184,8 @@ class ScoringConfig:
     batch_size: int = _help("Rollouts per teacher-forced base pass.", default=8)
     chunk_size: int = _help("Positions per logits chunk: bounds memory at batch x chunk x vocab.", default=128)
     entropy_temperature: float | None = _help(
-        "Temperature the entropy is measured at; default: the rollout temperature.", default=None
+        "Temperature the gate's entropy is measured at (the paper: 1.0, the model's own distribution); "
+        "null: the rollout temperature.", default=1.0
     )
 
     def validate(self) -> None:
@@ -200,7 +201,14 @@ class ScoringConfig:
 class SelectionConfig:
     max_problems: int | None = _help("Keep at most this many mixed-success problems (nearest pass 0.5 first).", default=None)
     drop_truncated: bool = _help("Drop rollouts that hit max_new_tokens without an EOS.", default=False)
-    trim_longest: float = _help("Fraction of the longest kept rollouts to drop, in [0, 1).", default=0.0)
+    trim_longest: float = _help(
+        "Fraction of the longest rollouts to drop, in [0, 1) (paper: 0.2). With advantages_over: kept, each "
+        "problem keeps its shortest round((1 - this) * n) of n rollouts; with all, the longest this share of "
+        "all selected rollouts is dropped.", default=0.0)
+    advantages_over: Literal["kept", "all"] = _help(
+        "Advantages z-scored over each problem's kept rollouts, after drop_truncated and a per-problem "
+        "trim_longest (kept: the paper), or over all its sampled rollouts, trimmed afterwards (all).",
+        default="all")
     advantage_clip: float = _help("Clip advantages (r - mean) / std to +-this (paper: 2.5).", default=2.5)
 
     def validate(self) -> None:
@@ -224,6 +232,11 @@ class GateConfig:
         default="threshold",
     )
     tau: float = _help("Entropy threshold in nats (paper: 1.4; swept 1.0-2.2).", default=1.4)
+    tau_pos: float | None = _help(
+        "Threshold for correct (advantage > 0) rollouts, mode threshold (and random's reference); null: tau.",
+        default=None)
+    tau_neg: float | None = _help(
+        "Threshold for the other rollouts, mode threshold (and random's reference); null: tau.", default=None)
     quantile: float = _help("rho for mode quantile, in (0, 1].", default=0.2)
     k: int = _help("Positions per sequence for mode topk.", default=8)
     entropy_source: Literal["base", "policy"] = _help(
@@ -237,12 +250,17 @@ class GateConfig:
             return {"mode": "all"}
         ref = self.reference if self.mode == "random" else self.mode
         out = {"mode": self.mode, param[ref]: getattr(self, param[ref]), "entropy_source": self.entropy_source}
+        if ref == "threshold":  # only when set, so the fingerprint of a run without them is unchanged
+            out.update({key: getattr(self, key) for key in ("tau_pos", "tau_neg") if getattr(self, key) is not None})
         if self.mode == "random":
             out["reference"] = self.reference
         return out
 
     def validate(self) -> None:
         _need(self.tau >= 0, "gate.tau", self.tau, "must be >= 0")
+        for key in ("tau_pos", "tau_neg"):
+            value = getattr(self, key)
+            _need(value is None or value >= 0, f"gate.{key}", value, "must be >= 0")
         _need(0 < self.quantile <= 1, "gate.quantile", self.quantile, "must be in (0, 1]")
         _need(self.k >= 1, "gate.k", self.k, "must be >= 1")
 
@@ -251,8 +269,10 @@ class GateConfig:
 @dataclass
 class LossConfig:
     variant: LossVariant = _help(
-        "signed: A * NLL at forks; positive_only: gated SFT on correct rollouts; hinge: on log pi - log pi_base; "
-        "split: positive and negative forks normalised separately.",
+        "signed: A * NLL at forks (the paper's adv_ce); positive_only: A-weighted SFT at correct rollouts' "
+        "forks; hinge: on log pi - log pi_base (the paper's delta_hinge); split: positive and negative forks "
+        "normalised separately; correct_sft: unweighted NLL at correct rollouts' forks, every other position "
+        "(wrong forks too) KL-anchored (the paper's correct_sft).",
         default="signed",
     )
     kl_coef: float = _help("Weight beta of KL(base || policy) at non-fork completion positions.", default=0.2)
@@ -264,7 +284,18 @@ class LossConfig:
         "Stop pushing a wrong rollout's fork token down once its probability is below this (bounds the loss).",
         default=0.05,
     )
-    hinge_margin: float = _help("Margin in nats of the hinge variant.", default=1.0)
+    floored_forks: FlooredForks = _help(
+        "A wrong rollout's fork at or below neg_prob_floor: anchor (leaves the fork set, KL-anchored, the fork "
+        "term divided by the remaining forks: the paper) or drop (stays in the fork count, no push, no anchor).",
+        default="drop",
+    )
+    hinge_margin: float = _help("Margin in nats of the hinge variant (paper: 0).", default=1.0)
+    hinge_margin_neg: float | None = _help(
+        "Margin of the hinge variant at wrong rollouts' forks; null: hinge_margin.", default=None)
+    kl_on_prompt: bool = _help(
+        "Also anchor the prompt positions (the paper, unless its kl_on_generated_only); needs kl_anchor: exact.",
+        default=False,
+    )
     max_nonfinite_in_a_row: int = _help(
         "Micro-batches in a row whose loss is NaN/inf that are skipped (zero gradient, logged) before the run "
         "stops; 0 stops at the first.", default=3,
@@ -274,6 +305,10 @@ class LossConfig:
         _need(self.kl_coef >= 0, "loss.kl_coef", self.kl_coef, "must be >= 0")
         _need(0 <= self.neg_prob_floor < 1, "loss.neg_prob_floor", self.neg_prob_floor, "must be in [0, 1)")
         _need(self.hinge_margin >= 0, "loss.hinge_margin", self.hinge_margin, "must be >= 0")
+        m = self.hinge_margin_neg
+        _need(m is None or m >= 0, "loss.hinge_margin_neg", m, "must be >= 0")
+        _need(not self.kl_on_prompt or self.kl_anchor == "exact", "loss.kl_on_prompt", self.kl_on_prompt,
+              "needs loss.kl_anchor: exact (the cached anchor holds completion positions only)")
         _need(self.max_nonfinite_in_a_row >= 0, "loss.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row,
               "must be >= 0")
 
@@ -409,9 +444,6 @@ class Config:
         """The temperature the gate's entropy is measured at (``scoring.entropy_temperature``)."""
         t = self.scoring.entropy_temperature
         return self.rollout.temperature if t is None else t
-
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

@@ -25,7 +25,8 @@ def token_entropy(
         temperature: divides the logits first (the sampling temperature of the rollouts).
 
     Returns:
-        (...) fp32 entropy, finite everywhere.
+        (...) fp32 entropy; finite wherever the row's logits are finite or -inf, and NaN
+        for a row holding a NaN or +inf logit (a broken model must not look certain).
     """
     if unit not in ("nats", "bits"):
         raise ValueError(f"unit must be 'nats' or 'bits', got {unit!r}")
@@ -60,14 +61,17 @@ def entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
         z: (..., V) fp32 logits, already divided by any temperature.
 
     Returns:
-        (...) fp32 entropy in nats.
+        (...) fp32 entropy in nats; NaN for a row with a NaN or +inf logit.
     """
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     finite = torch.isfinite(lse)
     logp = z - torch.where(finite, lse, torch.zeros_like(lse))
     entropy = entropy_from_logp(logp)
-    # A fully masked row has no distribution: define its entropy as 0.
-    return torch.where(finite.squeeze(-1), entropy, torch.zeros_like(entropy))
+    lse = lse.squeeze(-1)
+    # A fully masked row (lse -inf) has no distribution: define its entropy as 0. A NaN or
+    # +inf logit (lse NaN or +inf) is a broken model: NaN, so callers can see it.
+    entropy = torch.where(finite.squeeze(-1), entropy, torch.zeros_like(entropy))
+    return torch.where(torch.isnan(lse) | (lse == float("inf")), torch.full_like(entropy, float("nan")), entropy)
 
 
 def token_stats(
@@ -87,7 +91,8 @@ def token_stats(
             are always at temperature 1, the policy's own scale).
 
     Returns:
-        dict with ``entropy`` (B, C) nats, ``logp`` (B, C) log p(target),
+        dict with ``entropy`` (B, C) nats (NaN where the logits hold a NaN or +inf),
+        ``logp`` (B, C) log p(target),
         and, when top_k > 0, ``topk_logp`` (B, C, K) and ``topk_ids`` (B, C, K).
     """
     z = logits.float()
@@ -96,7 +101,10 @@ def token_stats(
         "logp": logp_all.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1),
     }
     if entropy_temperature == 1.0:
-        out["entropy"] = entropy_from_logp(logp_all)
+        lse = torch.logsumexp(z, dim=-1)
+        broken = torch.isnan(lse) | (lse == float("inf"))
+        entropy = entropy_from_logp(logp_all).masked_fill(lse == float("-inf"), 0.0)  # fully masked row: 0
+        out["entropy"] = entropy.masked_fill(broken, float("nan"))
     else:
         out["entropy"] = entropy_from_logits(z / entropy_temperature)
     if top_k > 0:

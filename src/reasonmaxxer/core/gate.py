@@ -32,10 +32,19 @@ def quantile_threshold(
 ) -> torch.Tensor | None:
     """The entropy value above which the top ``quantile`` of completion tokens lie.
 
-    Same semantics as TRL's ``GRPOTrainer.get_high_entropy_mask`` with
-    ``top_entropy_quantile = quantile``: the (1 - quantile) linear quantile of the
-    completion tokens' entropies, pooled across processes by ``gather`` (a function from
-    this process's 1-D tensor to the concatenation over all processes).
+    The (1 - quantile) linear-interpolation quantile of the completion tokens'
+    entropies, pooled across processes by ``gather`` (a function from this process's 1-D
+    tensor to the concatenation over all processes); the gate keeps entropy >= the cut.
+
+    Tie rule: the rank (1 - quantile) * (N - 1) is computed in float64
+    (:func:`~reasonmaxxer.core.ops.linear_quantiles`), so a rank that is an integer m
+    lands exactly on the m-th smallest value and that token (and every token tied with
+    it) is a fork. This is TRL's ``GRPOTrainer.get_high_entropy_mask``
+    (``top_entropy_quantile = quantile``) up to one rounding: TRL calls
+    ``torch.quantile(entropies.float(), 1 - quantile)``, which forms the rank in float32,
+    and a rank rounded just above m puts the cut a little above the m-th value, so TRL
+    leaves out one token (and its ties) that this gate keeps (e.g. quantile 0.28 over 76
+    distinct entropies: 22 forks here, 21 in TRL; see tests/test_entropy.py).
 
     Args:
         entropy: (B, C) per-position entropy.
@@ -62,6 +71,9 @@ def fork_mask(
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     reference: ReferenceMode = "threshold",
     generator: torch.Generator | None = None,
+    tau_pos: float | None = None,
+    tau_neg: float | None = None,
+    positive: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which completion positions are decision forks.
 
@@ -77,15 +89,23 @@ def fork_mask(
         gather: for ``quantile`` across processes, see :func:`quantile_threshold`.
         reference: for ``random``, the entropy gate whose per-sequence counts it matches.
         generator: for ``random``, the source of randomness (seed it for reproducibility).
+        tau_pos, tau_neg: for ``threshold`` (and a ``random`` that matches it): the
+            thresholds of correct (``positive``) and other rows; None means ``tau``.
+        positive: (B,) bool, which rows are correct rollouts (advantage > 0); needed
+            when tau_pos or tau_neg differs from tau.
 
     Returns:
-        (B, C) bool, never true where ``completion_mask`` is 0.
+        (B, C) bool, never true where ``completion_mask`` is 0. A NaN entropy is never a
+        fork (callers stop before a NaN entropy reaches the gate).
     """
     valid = completion_mask.bool()
     if mode == "threshold":
-        if tau is None:
+        cut = row_thresholds(tau, tau_pos, tau_neg, positive)
+        if cut is None:
             raise ValueError("fork_mask(mode='threshold') needs tau")
-        return (entropy > tau) & valid
+        if isinstance(cut, torch.Tensor):
+            cut = cut.to(entropy.device, torch.float32).unsqueeze(-1)
+        return (entropy > cut) & valid
     if mode == "quantile":
         if quantile is None or not 0.0 < quantile <= 1.0:
             raise ValueError(f"fork_mask(mode='quantile') needs 0 < quantile <= 1, got {quantile}")
@@ -108,9 +128,33 @@ def fork_mask(
     if mode == "random":
         if reference not in REFERENCE_MODES:
             raise ValueError(f"fork_mask(mode='random') needs reference in {REFERENCE_MODES}, got {reference!r}")
-        matched = fork_mask(entropy, completion_mask, mode=reference, tau=tau, quantile=quantile, k=k, gather=gather)
+        matched = fork_mask(entropy, completion_mask, mode=reference, tau=tau, quantile=quantile, k=k, gather=gather,
+                            tau_pos=tau_pos, tau_neg=tau_neg, positive=positive)
         return random_positions(matched.sum(-1), valid, generator)
     raise ValueError(f"unknown gate mode {mode!r}; expected one of {GATE_MODES}")
+
+
+def row_thresholds(tau: float | None, tau_pos: float | None, tau_neg: float | None,
+                   positive: torch.Tensor | None) -> float | torch.Tensor | None:
+    """The threshold gate's cut: one float, or (B,) per row when correct and wrong rows differ.
+
+    Args:
+        positive: (B,) bool, the correct rows; required when the two cuts differ.
+
+    Returns:
+        ``tau`` when tau_pos and tau_neg are unset or equal to it, else a (B,) fp32
+        tensor (tau_pos on correct rows, tau_neg on the others); None when no tau is known.
+    """
+    hi = tau if tau_pos is None else tau_pos
+    lo = tau if tau_neg is None else tau_neg
+    if hi is None or lo is None:
+        return None
+    if hi == lo:
+        return hi
+    if positive is None:
+        raise ValueError("fork_mask: tau_pos/tau_neg differ, so the per-row `positive` (B,) is needed")
+    pos = positive.bool()
+    return torch.where(pos, torch.full(pos.shape, float(hi)), torch.full(pos.shape, float(lo)))
 
 
 def random_positions(counts: torch.Tensor, completion_mask: torch.Tensor,
@@ -134,15 +178,21 @@ def random_positions(counts: torch.Tensor, completion_mask: torch.Tensor,
 
 def gate_mask(gate: Any, entropy: torch.Tensor, completion_mask: torch.Tensor, *,
               gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """:func:`fork_mask` with the settings of a gate config (its mode, tau, quantile, k, reference).
+              generator: torch.Generator | None = None,
+              positive: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`fork_mask` with the settings of a gate config (its mode, tau, tau_pos, tau_neg,
+    quantile, k, reference).
 
     Args:
-        gate: any object with those attributes (the ``gate`` config section).
+        gate: any object with those attributes (the ``gate`` config section; tau_pos and
+            tau_neg may be absent).
         entropy, completion_mask: (B, C), as in :func:`fork_mask`.
+        positive: (B,) bool, the correct rows (advantage > 0), for tau_pos/tau_neg.
 
     Returns:
         (B, C) bool.
     """
     return fork_mask(entropy, completion_mask, mode=gate.mode, tau=gate.tau, quantile=gate.quantile, k=gate.k,
-                     reference=gate.reference, gather=gather, generator=generator)
+                     reference=gate.reference, gather=gather, generator=generator,
+                     tau_pos=getattr(gate, "tau_pos", None), tau_neg=getattr(gate, "tau_neg", None),
+                     positive=positive)

@@ -60,13 +60,33 @@ def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor,
     return base_neg_entropy - cross.sum(-1) + policy_lse
 
 
+def prompt_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary KL(base || policy) at the prompt positions, 0 where the mask is off.
+
+    For ``loss.kl_on_prompt``: the paper anchors every next-token prediction that is not
+    a fork, the predictions of prompt tokens included.
+
+    Args:
+        base_logits, policy_logits: (B, P, V) logits at prompt positions.
+        prompt_mask: (B, P) bool, the positions that predict a real prompt token.
+
+    Returns:
+        (B, P) KL in nats (differentiable in ``policy_logits``), 0 off the mask (where a
+        padded position's logits may be anything).
+    """
+    kl = exact_kl(base_logits, policy_logits)
+    return torch.where(prompt_mask.bool(), kl, torch.zeros_like(kl))
+
+
 def topk_kl(base_topk_logp: torch.Tensor, policy_topk_logp: torch.Tensor) -> torch.Tensor:
     """KL(base || policy) on the base's top-k tokens plus one bucket for the rest.
 
     This is the exact KL between the two distributions coarsened to K + 1 outcomes, so it
     is never above the full KL and equals it when the base's mass outside its top-k is
-    ~0 (the usual case at k = 64). The policy's top-k mass is capped at 1 - 1e-6 so the
-    rest bucket's log stays finite.
+    ~0 (the usual case at k = 64). The policy's top-k mass is capped at 1 - 1e-6 (its rest
+    mass floored at 1e-6) so the rest bucket's log stays finite: where the policy's true
+    rest mass is below 1e-6 the rest bucket's term, and with it the KL, is underestimated
+    and its gradient bounded.
 
     Args:
         base_topk_logp: (B, C, K) base log-probs of its own top-k tokens (cached).

@@ -2,8 +2,9 @@
 
     L = sum_{t in F} w_t * (-log pi_theta(y_t)) / |F|  +  beta * sum_{t in N} KL(base || theta)_t / |N|
 
-F are the gated (fork) completion positions, N the other completion positions, and w_t
-the rollout's advantage. Pure functions; shapes: B batch, C completion positions.
+F are the gated (fork) completion positions, N the other completion positions (and,
+optionally, the prompt positions), and w_t the rollout's advantage. Pure functions;
+shapes: B batch, C completion positions, P prompt positions.
 """
 
 from __future__ import annotations
@@ -15,10 +16,19 @@ import torch
 
 from .ops import masked_mean
 
-LossVariant = Literal["signed", "positive_only", "hinge", "split"]
-"""``signed``: A * NLL at forks; ``positive_only``: gated SFT on correct rollouts;
-``hinge``: on log pi - log pi_base; ``split``: positive and negative forks normalised apart."""
+LossVariant = Literal["signed", "positive_only", "hinge", "split", "correct_sft"]
+"""``signed``: A * NLL at forks (the paper's ``adv_ce``); ``positive_only``: A-weighted
+gated SFT on correct rollouts; ``hinge``: on log pi - log pi_base (the paper's
+``delta_hinge``); ``split``: positive and negative forks normalised apart;
+``correct_sft``: unweighted NLL at correct rollouts' forks, every other position anchored
+(the paper's ``correct_sft``)."""
 LOSS_VARIANTS: tuple[str, ...] = typing.get_args(LossVariant)
+
+FlooredForks = Literal["anchor", "drop"]
+"""What a floored wrong-rollout fork becomes: ``anchor`` (it leaves the fork set and is
+KL-anchored; the paper's rule) or ``drop`` (it keeps its place in the fork count and
+gets neither push nor anchor)."""
+FLOORED_FORKS: tuple[str, ...] = typing.get_args(FlooredForks)
 
 LOSS_STATS: tuple[str, ...] = (
     "loss", "fork_term", "kl_term", "fork_fraction", "forks", "forks_correct", "forks_wrong", "forks_floored",
@@ -39,6 +49,10 @@ def fork_gated_loss(
     variant: LossVariant = "signed",
     neg_prob_floor: float = 0.05,
     hinge_margin: float = 1.0,
+    hinge_margin_neg: float | None = None,
+    floored_forks: FlooredForks = "drop",
+    prompt_kl: torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The fork-gated contrastive loss with a KL anchor at non-fork positions.
 
@@ -52,14 +66,28 @@ def fork_gated_loss(
         kl_coef: beta, the weight of the anchor.
         variant: ``signed`` (advantage-signed, normalised by |F|); ``positive_only``
             (only forks of A > 0 rollouts, normalised by their count: gated SFT);
-            ``hinge`` (|A| * relu(margin - sign(A) * (log pi_theta - log pi_base)):
-            stops pushing once the log-ratio passed the margin); ``split`` (positive and
-            negative forks normalised separately, then added).
+            ``hinge`` (|A| * relu(margin - sign(A) * (log pi_theta - log pi_base)), the
+            mean over forks: stops pushing once the log-ratio passed the margin; with
+            margins m_pos, m_neg this is the paper's delta_hinge, relu(m_pos - D) * |A| at
+            correct forks and relu(D + m_neg) * |A| at wrong ones); ``split`` (positive and
+            negative forks normalised separately, then added); ``correct_sft`` (the mean
+            NLL over forks of A > 0 rollouts, unweighted; every other completion position,
+            wrong-rollout forks included, joins the KL-anchored set).
         neg_prob_floor: for ``signed``/``split``: a negative-advantage fork whose token
-            probability under the policy is already below this gets no more push-down.
-            The paper's form has no floor and the loss runs to -inf; this bounds it below
-            by -max|A| * log(1 / floor).
-        hinge_margin: the margin of ``hinge`` in nats.
+            probability under the policy is already below this (at or below, with
+            ``floored_forks="anchor"``) gets no more push-down; 0 turns the floor off.
+            Without a floor the loss runs to -inf; this bounds it below by
+            -max|A| * log(1 / floor).
+        hinge_margin: the margin of ``hinge`` in nats (at correct forks, and at wrong
+            ones unless ``hinge_margin_neg`` is given).
+        hinge_margin_neg: the margin of ``hinge`` at wrong (A < 0) forks.
+        floored_forks: ``drop`` (a floored fork stays in the fork count |F|, with neither
+            push nor anchor) or ``anchor`` (it leaves the fork set: the fork term is
+            normalised by |F_eff| = |F| - floored, and the fork joins the anchored set, as
+            the paper's code does).
+        prompt_kl: (B, P) per-position KL(base || theta) at prompt positions; with
+            ``prompt_mask`` they join the anchored set (one mean over both).
+        prompt_mask: (B, P) bool, the prompt positions that count (real tokens only).
 
     Returns:
         The () loss and its statistics: a dict of () fp32 tensors, detached, with the
@@ -68,6 +96,8 @@ def fork_gated_loss(
     """
     if variant not in LOSS_VARIANTS:
         raise ValueError(f"unknown loss variant {variant!r}; expected one of {LOSS_VARIANTS}")
+    if floored_forks not in FLOORED_FORKS:
+        raise ValueError(f"unknown floored_forks {floored_forks!r}; expected one of {FLOORED_FORKS}")
     completion = completion_mask.bool()
     forks = fork_mask.bool() & completion
     nonforks = completion & ~forks
@@ -77,26 +107,41 @@ def fork_gated_loss(
     n_forks = forks.sum()
 
     with torch.no_grad():
-        floored = neg_forks & (policy_logp.exp() < neg_prob_floor)
+        p = policy_logp.exp()
+        if floored_forks == "anchor":  # the paper's rule: p <= floor, and floor 0 is off
+            floored = neg_forks & (p <= neg_prob_floor) if neg_prob_floor > 0 else torch.zeros_like(neg_forks)
+        else:
+            floored = neg_forks & (p < neg_prob_floor)
     active_neg = neg_forks & ~floored
     nll = -policy_logp
+    # The floor acts in signed and split only. With ``anchor`` a floored fork leaves the
+    # fork term's count and joins the anchor; with ``drop`` it stays in the count.
+    leaves = floored if floored_forks == "anchor" and variant in ("signed", "split") else torch.zeros_like(floored)
+    anchored = nonforks | leaves
+    counted_forks = forks & ~leaves
+    counted_neg = neg_forks & ~leaves
 
     if variant == "signed":
         pushed = torch.where(pos_forks | active_neg, adv * nll, torch.zeros_like(nll))
-        fork_term = pushed.sum() / n_forks.clamp_min(1)
+        fork_term = pushed.sum() / counted_forks.sum().clamp_min(1)
     elif variant == "positive_only":
         fork_term = masked_mean(adv * nll, pos_forks)
+    elif variant == "correct_sft":
+        fork_term = masked_mean(nll, pos_forks)
+        anchored = completion & ~pos_forks
     elif variant == "split":
-        # Floored negatives stay in the count (as in ``signed``): flooring one fork must
-        # not raise the push-down on the others.
+        # With ``drop``, floored negatives stay in the count (as in ``signed``): flooring
+        # one fork must not raise the push-down on the others.
         neg_sum = torch.where(active_neg, adv * nll, torch.zeros_like(nll)).sum()
-        fork_term = masked_mean(adv * nll, pos_forks) + neg_sum / neg_forks.sum().clamp_min(1)
+        fork_term = masked_mean(adv * nll, pos_forks) + neg_sum / counted_neg.sum().clamp_min(1)
     else:  # hinge
         log_ratio = policy_logp - base_logp.float()
-        hinge = torch.relu(hinge_margin - torch.sign(adv) * log_ratio) * adv.abs()
+        margin_neg = hinge_margin if hinge_margin_neg is None else hinge_margin_neg
+        margin = torch.where(adv < 0, torch.full_like(adv, margin_neg), torch.full_like(adv, hinge_margin))
+        hinge = torch.relu(margin - torch.sign(adv) * log_ratio) * adv.abs()
         fork_term = masked_mean(hinge, forks)
 
-    kl_term = masked_mean(kl, nonforks)
+    kl_term = _anchor_mean(kl, anchored, prompt_kl, prompt_mask)
     loss = fork_term + kl_coef * kl_term
 
     with torch.no_grad():
@@ -108,6 +153,27 @@ def fork_gated_loss(
         )
         stats = {key: v.detach().float() for key, v in zip(LOSS_STATS, values)}
     return loss, stats
+
+
+def _anchor_mean(kl: torch.Tensor, anchored: torch.Tensor, prompt_kl: torch.Tensor | None,
+                 prompt_mask: torch.Tensor | None) -> torch.Tensor:
+    """One mean of the KL over the anchored completion positions and the prompt positions.
+
+    Args:
+        kl, anchored: (B, C) the completion KL and the anchored positions.
+        prompt_kl, prompt_mask: (B, P) or None.
+
+    Returns:
+        () the mean (0 on an empty set).
+    """
+    if prompt_kl is None:
+        return masked_mean(kl, anchored)
+    if prompt_mask is None:
+        raise ValueError("fork_gated_loss: prompt_kl needs prompt_mask")
+    pm = prompt_mask.bool()
+    total = torch.where(anchored, kl, torch.zeros_like(kl)).sum() + torch.where(
+        pm, prompt_kl, torch.zeros_like(prompt_kl)).sum()
+    return total / (anchored.sum() + pm.sum()).clamp_min(1).to(total.dtype)
 
 
 def stats_to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:

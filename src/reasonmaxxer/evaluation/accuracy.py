@@ -33,25 +33,41 @@ def _correct(rewards: list[float]) -> int:
 
 
 def accuracy_summary(sampled: list[dict[str, Any]], greedy: list[dict[str, Any]] | None, k: int) -> dict[str, Any]:
-    """pass@1 (mean over samples, then problems), pass@k, greedy accuracy and n."""
+    """pass@1 (mean over samples, then problems), pass@k, greedy accuracy and n.
+
+    ``pass_at_{k}`` is None when some problem has fewer than k samples (its pass@k cannot
+    be estimated); ``pass_at_{n}`` is then added, n the fewest samples any problem has,
+    and ``min_samples_per_problem`` says n. ``pass_at_1_by_kind`` averages per problem,
+    then over the problems of each kind (as ``pass_at_1`` does over all problems).
+    """
     rewards = per_problem_rewards(sampled)
     p1 = [pass_at_k(len(r), _correct(r), 1) for r in rewards.values()]
-    pk = [pass_at_k(len(r), _correct(r), min(k, len(r))) for r in rewards.values()]
+    fewest = min((len(r) for r in rewards.values()), default=0)
     out: dict[str, Any] = {
         "n": len(rewards),
         "samples_per_problem": k,
+        "min_samples_per_problem": fewest,
         "pass_at_1": float(np.mean(p1)) if p1 else None,
-        f"pass_at_{k}": float(np.mean(pk)) if pk else None,
+        f"pass_at_{k}": _mean_pass_at(rewards, k) if fewest >= k else None,
     }
+    if 1 < fewest < k:  # the largest pass@n every problem supports, under its own name
+        out[f"pass_at_{fewest}"] = _mean_pass_at(rewards, fewest)
     if greedy is not None:
         g = per_problem_rewards(greedy)
         out["greedy_accuracy"] = float(np.mean([v[0] for v in g.values()])) if g else None
-    kinds: dict[str, list[float]] = defaultdict(list)
-    for r in sampled:
-        kinds[r.get("kind") or "all"].append(float(r["reward"]))
-    out["pass_at_1_by_kind"] = {kind: float(np.mean(v)) for kind, v in sorted(kinds.items())}
+    kind_of = {r["problem_id"]: r.get("kind") or "all" for r in sampled}
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for pid, r in rewards.items():
+        by_kind[kind_of[pid]].append(pass_at_k(len(r), _correct(r), 1))
+    out["pass_at_1_by_kind"] = {kind: float(np.mean(v)) for kind, v in sorted(by_kind.items())}
     out["mean_completion_tokens"] = float(np.mean([len(r["completion_ids"]) for r in sampled])) if sampled else None
     return out
+
+
+def _mean_pass_at(rewards: dict[str, list[float]], k: int) -> float | None:
+    """Mean over problems of the unbiased pass@k (each problem has at least k samples)."""
+    values = [pass_at_k(len(r), _correct(r), k) for r in rewards.values()]
+    return float(np.mean(values)) if values else None
 
 
 def paired_bootstrap_delta(

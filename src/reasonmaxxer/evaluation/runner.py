@@ -196,7 +196,8 @@ def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]
     C = max(lengths)
     mask = pad_ragged([torch.ones(L, dtype=torch.bool) for L in lengths], C, False)
     base_h = pad_ragged([p["base_entropy"] for p in per_rollout], C)
-    forks = gate_mask(movement_gate(cfg.gate), base_h, mask)
+    correct = torch.tensor([r["reward"] > 0 for r in rollouts])  # for gate.tau_pos / tau_neg
+    forks = gate_mask(movement_gate(cfg.gate), base_h, mask, positive=correct)
     flat = {k: torch.cat([p[k] for p in per_rollout]) for k in per_rollout[0]}
     flat["fork"] = forks[mask]
     flat["correct"] = torch.cat([torch.full((L,), r["reward"] > 0) for L, r in zip(lengths, rollouts)])

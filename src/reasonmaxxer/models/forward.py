@@ -60,3 +60,28 @@ def completion_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
         use_cache=False,
     )
     return out.logits
+
+
+def prompt_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, P - 1, V) logits that predict prompt tokens 2.., and their (B, P - 1) bool mask.
+
+    Column j predicts the token at column j + 1; the columns before P - 1 predict prompt
+    tokens (column P - 1 predicts the first completion token). A causal model's logits
+    there depend on the prompt columns only, so this runs on the first P columns: its
+    cost is the prompt's, not the whole sequence's. With left padding, column j predicts
+    a real prompt token exactly when column j is itself a real token.
+    """
+    L = batch["input_ids"].shape[1]
+    P = L - batch["completion_ids"].shape[1]
+    mask = batch["attention_mask"][:, : max(P - 1, 0)].bool()
+    if P < 2:  # one-token prompts: nothing predicts a prompt token
+        vocab = model.get_output_embeddings().weight.shape[0]
+        return torch.zeros((mask.shape[0], 0, vocab), device=mask.device), mask
+    out = model(
+        input_ids=batch["input_ids"][:, :P],
+        attention_mask=batch["attention_mask"][:, :P],
+        position_ids=batch["position_ids"][:, :P],
+        logits_to_keep=torch.arange(0, P - 1, device=batch["input_ids"].device),
+        use_cache=False,
+    )
+    return out.logits, mask

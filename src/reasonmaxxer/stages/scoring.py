@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..core.entropy import token_stats
+from ..errors import NonFiniteScoresError
 from ..models.forward import completion_hidden, head_logits
 from ..utils import distributed as dist
 from ..utils.sequences import pack_batch
@@ -52,6 +53,29 @@ def score_batch(
                                  entropy_temperature=entropy_temperature))
         del logits
     return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
+
+
+def check_finite_scores(stats: dict[str, torch.Tensor], valid: torch.Tensor, rollout_indices: list[int]) -> None:
+    """Stop at the first NaN/inf entropy or log-prob of a completion token.
+
+    A NaN entropy is never above a threshold, so without this check a model that
+    overflows would silently have no forks. Raises :class:`NonFiniteScoresError` (exit 3)
+    naming the rollout index and completion position.
+
+    Args:
+        stats: ``entropy`` and ``logp`` (B, C) from :func:`score_batch`.
+        valid: (B, C) bool completion mask (on the host).
+        rollout_indices: the rollout index of each row.
+    """
+    for key in ("entropy", "logp"):
+        bad = ~torch.isfinite(stats[key].cpu()) & valid
+        if bad.any():
+            row, pos = (int(v) for v in bad.nonzero()[0])
+            value = float(stats[key][row, pos])
+            raise NonFiniteScoresError(
+                f"scoring: rollout {rollout_indices[row]}, completion position {pos}: the base model's {key} is "
+                f"{value} (its logits hold a NaN or inf); try model.dtype: float32 or bfloat16 (float16 overflows)"
+            )
 
 
 def _shard_path(out_dir: Path, index: int) -> Path:
@@ -102,6 +126,7 @@ def score_rollouts(
                             entropy_temperature=entropy_temperature)
         lengths = packed["completion_mask"].sum(-1).cpu()
         valid = packed["completion_mask"].bool().cpu()
+        check_finite_scores(stats, valid, idx)
         flat = {k: v.cpu()[valid].contiguous() for k, v in stats.items()}  # ragged rows, concatenated
         if "topk_ids" in flat:
             flat["topk_ids"] = flat["topk_ids"].to(torch.int32)

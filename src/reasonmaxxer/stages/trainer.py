@@ -23,13 +23,13 @@ from trl import SFTTrainer
 from ..config import Config, GateConfig, LossConfig
 from ..core.entropy import token_entropy
 from ..core.gate import gate_mask
-from ..core.kl import topk_kl
+from ..core.kl import prompt_kl, topk_kl
 from ..core.logprobs import policy_logprobs, policy_logprobs_and_kl
 from ..core.loss import fork_gated_loss, stats_to_floats
 from ..core.ops import masked_mean
 from ..data.problem import Problem
 from ..errors import ConfigError, TrainingDivergedError
-from ..models.forward import completion_logits
+from ..models.forward import completion_logits, prompt_logits
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json
 from .heldout_eval import HeldoutEval
@@ -79,6 +79,11 @@ class ForkCollator:
             batch["topk_ids"] = pad_ragged([s["topk_ids"].long() for s in scores], C)
             batch["topk_logp"] = pad_ragged([s["topk_logp"] for s in scores], C)
         return batch
+
+
+def paper_loss_options(loss_cfg: LossConfig) -> dict[str, Any]:
+    """The loss options beyond the variant, floor and margin, as keywords of fork_gated_loss."""
+    return {"floored_forks": loss_cfg.floored_forks, "hinge_margin_neg": loss_cfg.hinge_margin_neg}
 
 
 def gather_across_processes(accelerator: Any, local: torch.Tensor) -> torch.Tensor:
@@ -158,6 +163,21 @@ class ForkGatedTrainer(SFTTrainer):
         """(B, C, V) logits at the completion positions; with the adapter disabled, the base's."""
         return completion_logits(model, inputs)
 
+    def _prompt_kl(self, model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For ``loss.kl_on_prompt``: KL(base || policy) at the prompt positions, and their mask.
+
+        The policy's prompt logits keep their graph; the base's come from the same weights
+        with the adapter disabled (``loss.kl_anchor: exact``, checked by the config).
+
+        Returns:
+            ``prompt_kl`` (B, P - 1) and ``prompt_mask`` (B, P - 1), keyword arguments of
+            :func:`~reasonmaxxer.core.loss.fork_gated_loss`.
+        """
+        policy_logits, mask = prompt_logits(model, inputs)
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            base_logits, _ = prompt_logits(model, inputs)
+        return {"prompt_kl": prompt_kl(base_logits, policy_logits, mask), "prompt_mask": mask}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
@@ -178,11 +198,14 @@ class ForkGatedTrainer(SFTTrainer):
                 entropy = token_entropy(logits.detach(), temperature=self.entropy_temperature)
         forks = gate_mask(self.gate, entropy, completion_mask,
                           gather=lambda t: gather_across_processes(self.accelerator, t),
-                          generator=self._gate_generator() if self.gate.mode == "random" else None)
+                          generator=self._gate_generator() if self.gate.mode == "random" else None,
+                          positive=inputs["advantages"] > 0)
         loss, stats = fork_gated_loss(
             policy_logp, inputs["base_logp"], inputs["advantages"], forks, completion_mask, kl,
             kl_coef=self.loss_cfg.kl_coef, variant=self.loss_cfg.variant,
             neg_prob_floor=self.loss_cfg.neg_prob_floor, hinge_margin=self.loss_cfg.hinge_margin,
+            **paper_loss_options(self.loss_cfg),
+            **(self._prompt_kl(model, inputs) if self.loss_cfg.kl_on_prompt else {}),
         )
         # The one host sync of a micro-batch: a NaN/inf loss must not reach backward.
         if not torch.isfinite(loss):
