@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -96,10 +97,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if point_dir is not None and dist.world_size() > 1:
             raise UserError("a `wandb agent` sweep point runs in one process; start the agent without torchrun")
         if point_dir is not None:  # one point of a `wandb agent` sweep: train and evaluate it
-            from .sweep import agent_point_config, ensure_shared_stages, run_point
+            from .sweep import agent_point_config, agent_shared_dir, ensure_shared_stages, run_point
 
-            ensure_shared_stages(cfg, not args.no_progress, tracked=False)  # the agent's one run is the point's
-            row = run_point({}, agent_point_config(cfg, point_dir), Path(cfg.output_dir), not args.no_progress)
+            shared_dir = agent_shared_dir(args.config, overrides, cfg)  # the folder of this point's seed
+            shared_cfg = dataclasses.replace(cfg, output_dir=str(shared_dir))
+            ensure_shared_stages(shared_cfg, not args.no_progress, tracked=False)  # the agent's one run is the point's
+            row = run_point({}, agent_point_config(cfg, point_dir), shared_dir, not args.no_progress)
             print(f"\nsweep point in {point_dir}: delta pass@1 {row['delta_pass_at_1']}, kl_ratio {row['kl_ratio']}")
             return 0
         from .pipeline import Pipeline, summary_table
