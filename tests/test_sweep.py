@@ -369,3 +369,21 @@ def test_sweep_over_seeds_shares_stages_per_seed_and_aggregates(tiny_model_dir, 
     table = (run / "sweeps" / "s" / "ablation.md").read_text()
     assert "| mode=topk | 0, 1 |" in table and "| mode=all | 0, 1 |" in table
     assert (run / "sweeps" / "s" / "ablation.png").stat().st_size > 0
+
+
+def test_plan_lists_seeds_and_points_without_doing_anything(tmp_path, capsys):
+    from reasonmaxxer.cli import train_main
+
+    out_dir = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(out_dir),
+            "--sweep", str(ROOT / "configs" / "sweeps" / "demo_seeds.yaml"), "--plan"]
+    assert train_main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "sweep demo_seeds: 9 points"
+    assert [ln.strip() for ln in lines[1:4]] == [f"seed 0: shared stages in {out_dir} (to run)",
+                                                 f"seed 1: shared stages in {out_dir}/seeds/seed=1 (to run)",
+                                                 f"seed 2: shared stages in {out_dir}/seeds/seed=2 (to run)"]
+    assert len(lines) == 13 and all(ln.endswith("to train and evaluate") for ln in lines[4:])
+    assert not out_dir.exists()
+    assert train_main(["--config", str(ROOT / "configs" / "demo.yaml"), "--plan"]) == 2
+    assert "--plan prints the points of a sweep" in capsys.readouterr().err

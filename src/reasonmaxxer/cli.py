@@ -67,6 +67,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo the stages of output_dir that were made with other settings (deletes their outputs)")
     parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --sweep: print each seed's shared folder and each point's folder with what is "
+                             "done, and stop")
     parser.add_argument("--merge", action="store_true",
                         help="after training (finished stages are skipped), write the base with the adapter merged "
                              "in to <output_dir>/merged/ (safetensors + tokenizer, loads without PEFT)")
@@ -83,6 +86,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if args.sweep and dist.world_size() > 1:
             raise UserError("--sweep runs its points one after another in one process; launch it with "
                             "`python train.py`, not torchrun (each point can still use every GPU it sees)")
+        if args.plan and not args.sweep:
+            raise UserError("--plan prints the points of a sweep; pass it with --sweep FILE")
+        if args.sweep and args.plan:
+            from .sweep import sweep_plan
+
+            print(sweep_plan(args.config, overrides, args.sweep))
+            return 0
         if args.sweep:
             from .sweep import run_sweep
 

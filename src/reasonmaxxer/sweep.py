@@ -320,6 +320,33 @@ def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool
     return row
 
 
+def sweep_plan(config_path: str | None, overrides: list[str], sweep_path: str) -> str:
+    """What ``--sweep`` would do, without doing it: each seed's shared folder and each point's, with what is done."""
+    from .pipeline import Pipeline
+
+    spec = load_sweep(sweep_path)
+    points = sweep_configs(config_path, overrides, spec)
+    base_dir = Path(load_config(config_path, overrides).output_dir)
+    lines = [f"sweep {spec.name}: {len(points)} points"]
+    for seed, cfg in shared_stage_configs(config_path, overrides, spec, points).items():
+        pipeline = Pipeline(cfg)
+        fps = pipeline.fingerprints()
+        done = [st for st in SHARED_STAGES if (state := pipeline.state(st)) is not None and state.get("done")
+                and state.get("fingerprint") == fps[st]]
+        lines.append(f"  seed {seed}: shared stages in {cfg.output_dir} "
+                     f"({', '.join(done) + ' done' if done else 'to run'})")
+    trained: dict[str, str] = {}
+    for i, (point, cfg) in enumerate(points, 1):
+        point_dir = base_dir / "sweeps" / spec.name / point_slug(point)
+        key = Pipeline(dataclasses.replace(cfg, output_dir=str(point_dir))).fingerprints()["training"]
+        done = point_dir / "point.json"
+        status = (f"same run as {trained[key]}" if key in trained
+                  else "done" if done.exists() and read_json(done).get("point") == point else "to train and evaluate")
+        trained.setdefault(key, point_slug(point))
+        lines.append(f"  {i:>3}. {point_dir}: {status}")
+    return "\n".join(lines)
+
+
 def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, progress: bool = True) -> Path:
     """Run every point of a grid sweep locally; write ablation.{json,md,png} and return its folder."""
     from .evaluation.ablation import group_over_seeds, write_ablation

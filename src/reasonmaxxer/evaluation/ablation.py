@@ -117,7 +117,7 @@ def _plot(path: Path, name: str, groups: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(4.0, 0.45 * len(groups) + 1.5)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.45 * len(groups) + 1.5)))
     colors = plt.get_cmap("tab10")
     for i, g in enumerate(groups):
         color = colors(i % 10)
@@ -132,7 +132,7 @@ def _plot(path: Path, name: str, groups: list[dict[str, Any]]) -> None:
         ax1.annotate(f"{g['label']} (n={len(g['seeds'])})", (g["kl_mean_all"], g["delta_pass_at_1"]),
                      textcoords="offset points", xytext=(6, 4), fontsize=8, color=color)
     ax1.axhline(0, color="#888", lw=0.8)
-    ax1.set_xlabel("movement: mean KL(base ‖ adapter) on held-out base rollouts")
+    ax1.set_xlabel("movement: mean KL(base ‖ adapter), held-out base rollouts")
     ax1.set_ylabel("Δpass@1 (adapter − base), 95% interval")
     ax1.set_title("gain against movement (faint: single seeds)", fontsize=10)
 
@@ -148,7 +148,7 @@ def _plot(path: Path, name: str, groups: list[dict[str, Any]]) -> None:
     ax2.axvline(0, color="#888", lw=0.8)
     ax2.set_yticks(y, [g["label"] for g in groups])
     ax2.invert_yaxis()
-    ax2.set_xlabel("Δpass@1: mean over seeds (square, 95% interval) and per seed (dots)")
+    ax2.set_xlabel("Δpass@1: mean over seeds (square, 95%) and per seed (dots)")
     fig.suptitle(f"Ablation: {name}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
