@@ -125,6 +125,6 @@ def test_kill_during_a_sweep_resumes_at_the_unfinished_point(tiny_model_dir, tmp
     assert not (second / "point.json").exists()
     _finish(args)
     assert (first / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter_mtime  # not redone
-    rows = json.loads((run / "sweeps" / "s" / "ablation.json").read_text())
+    rows = json.loads((run / "sweeps" / "s" / "ablation.json").read_text())["points"]
     assert [r["point"]["gate.k"] for r in rows] == [2, 3]
     assert (second / "adapter" / "adapter_config.json").exists()

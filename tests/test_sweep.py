@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -83,6 +85,141 @@ def test_effective_gate_ignores_unused_fields():
     assert r == {"mode": "random", "tau": 1.8, "entropy_source": "base", "reference": "threshold"}
 
 
+# ----------------------------------------------------------------------------- seeds
+
+
+def _row(point, delta_by_problem, *, kl, ci=(None, None), **extra):
+    deltas = dict(delta_by_problem)
+    return {"point": point, "seed": point.get("seed", 0), "delta_pass_at_1": float(np.mean(list(deltas.values()))),
+            "delta_ci95": list(ci), "per_problem_delta": deltas, "kl_mean_all": kl, "fork_fraction": 0.2,
+            "kl_ratio": 3.0, "top1_agreement_nonfork": 0.9, "pass_at_1_base": 0.5, "pass_at_1_adapter": 0.6,
+            "train_seconds": 10.0, **extra}
+
+
+def test_points_that_differ_only_in_seed_form_one_group():
+    from reasonmaxxer.evaluation.ablation import group_over_seeds
+
+    rows = []
+    for mode in ("threshold", "all"):
+        for seed in (0, 1, 2):
+            # Seeds hold different numbers of problems: the group mean is over seeds, not pooled problems.
+            deltas = {f"p{i}": (seed + 1) * (0.1 if mode == "threshold" else -0.1) * (i % 2) for i in range(2 + seed)}
+            rows.append(_row({"gate.mode": mode, "gate.tau": 1.4, "seed": seed}, deltas, kl=0.01 * (seed + 1)))
+    rows.append(dict(rows[0]))  # seed 0 of threshold listed twice (a repeated grid value): counted once
+    groups = group_over_seeds(rows, resamples=500, seed=0)
+    assert [g["point"] for g in groups] == [{"gate.mode": "threshold", "gate.tau": 1.4},
+                                            {"gate.mode": "all", "gate.tau": 1.4}]
+    assert [g["label"] for g in groups] == ["mode=threshold", "mode=all"]  # tau is the same everywhere
+    threshold = groups[0]
+    assert threshold["seeds"] == [0, 1, 2] and threshold["interval_over"] == "seeds and problems"
+    per_seed = [np.mean([(s + 1) * 0.1 * (i % 2) for i in range(2 + s)]) for s in (0, 1, 2)]
+    assert [s["delta_pass_at_1"] for s in threshold["per_seed"]] == pytest.approx(per_seed)
+    assert threshold["delta_pass_at_1"] == pytest.approx(np.mean(per_seed))
+    assert threshold["kl_mean_all"] == pytest.approx(0.02)
+    lo, hi = threshold["delta_ci95"]
+    assert lo <= threshold["delta_pass_at_1"] <= hi and lo < hi
+
+
+def test_a_group_of_one_seed_keeps_the_paired_interval_over_problems():
+    from reasonmaxxer.evaluation.ablation import group_over_seeds
+
+    rows = [_row({"gate.tau": t}, {"a": 0.5, "b": -0.25}, kl=0.1, ci=(-0.3, 0.4)) for t in (1.0, 2.0)]
+    groups = group_over_seeds(rows, resamples=500, seed=0)
+    assert [g["label"] for g in groups] == ["tau=1.0", "tau=2.0"]
+    assert groups[0]["delta_ci95"] == [-0.3, 0.4] and groups[0]["interval_over"] == "problems"
+    assert groups[0]["delta_pass_at_1"] == pytest.approx(0.125) and groups[0]["seeds"] == [0]
+
+
+def test_hierarchical_bootstrap_with_one_seed_is_the_paired_bootstrap():
+    from reasonmaxxer.evaluation.accuracy import hierarchical_bootstrap_delta, paired_bootstrap_delta
+
+    rng = np.random.default_rng(5)
+    base = {f"p{i}": rng.integers(0, 2, 8).tolist() for i in range(30)}
+    adapter = {f"p{i}": rng.integers(0, 2, 8).tolist() for i in range(30)}
+    paired = paired_bootstrap_delta(base, adapter, resamples=40000, seed=1)
+    deltas = [np.mean(adapter[i]) - np.mean(base[i]) for i in sorted(base)]
+    hier = hierarchical_bootstrap_delta([deltas], resamples=40000, seed=2)
+    assert hier["mean"] == pytest.approx(paired["mean"])
+    assert hier["ci95"] == pytest.approx(paired["ci95"], abs=0.01)
+
+
+def test_hierarchical_bootstrap_collapses_on_constant_deltas_and_is_seeded():
+    from reasonmaxxer.evaluation.accuracy import hierarchical_bootstrap_delta
+
+    out = hierarchical_bootstrap_delta([[0.25] * 5, [0.25] * 3, [0.25] * 9], resamples=300, seed=0)
+    assert out["mean"] == pytest.approx(0.25) and out["ci95"] == pytest.approx([0.25, 0.25])
+    data = [[0.1, -0.3, 0.5], [0.2, 0.0], [1.0, -1.0, 0.0, 0.5]]
+    a = hierarchical_bootstrap_delta(data, resamples=300, seed=4)
+    assert a == hierarchical_bootstrap_delta(data, resamples=300, seed=4)
+    assert a["ci95"] != hierarchical_bootstrap_delta(data, resamples=300, seed=5)["ci95"]
+    # The mean over seeds of per-seed means, not the mean of the pooled problems.
+    assert a["mean"] == pytest.approx(np.mean([np.mean(d) for d in data]))
+    assert a["mean"] != pytest.approx(np.mean(sum(data, [])))
+    assert hierarchical_bootstrap_delta([[], []], resamples=300, seed=0)["mean"] is None
+
+
+def test_hierarchical_bootstrap_matches_the_enumerated_distribution():
+    """Two seeds (2 and 3 problems): every seed draw and problem resample, weighted exactly."""
+    from reasonmaxxer.evaluation.accuracy import hierarchical_resample_means
+
+    groups = [np.array([0.0, 1.0]), np.array([0.5, -1.0, 2.0])]
+
+    def slot_means(diff):  # each drawn seed: all n^n equally likely problem resamples
+        return [np.mean(diff[list(idx)]) for idx in itertools.product(range(len(diff)), repeat=len(diff))]
+
+    exact, weights = [], []
+    for drawn in itertools.product(range(2), repeat=2):  # which seed fills each of the two slots
+        a, b = slot_means(groups[drawn[0]]), slot_means(groups[drawn[1]])
+        for x, y in itertools.product(a, b):
+            exact.append((x + y) / 2)
+            weights.append(0.25 / (len(a) * len(b)))
+    exact, weights = np.array(exact), np.array(weights)
+    mean = float(np.sum(weights * exact))
+    var = float(np.sum(weights * (exact - mean) ** 2))
+    boots = hierarchical_resample_means(groups, resamples=200_000, rng=np.random.default_rng(0))
+    assert boots.mean() == pytest.approx(mean, abs=0.01)
+    assert boots.var() == pytest.approx(var, rel=0.02)
+    order = np.argsort(exact)
+    cdf = np.cumsum(weights[order])
+
+    def quantile(q):
+        return exact[order][np.searchsorted(cdf, q)]
+
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    assert quantile(0.02) <= lo <= quantile(0.03) and quantile(0.97) <= hi <= quantile(0.98)
+
+
+def test_shipped_seed_sweep_shares_stages_per_seed():
+    from reasonmaxxer.sweep import shared_stage_configs
+
+    demo = str(ROOT / "configs" / "demo.yaml")
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "demo_seeds.yaml")
+    points = sweep_configs(demo, [], spec)
+    assert len(points) == 9
+    assert {(c.seed, c.gate.mode) for _, c in points} == {(s, m) for s in (0, 1, 2) for m in ("threshold", "random",
+                                                                                             "all")}
+    assert all(c.gate.tau == 1.4 and c.gate.reference == "threshold" for _, c in points)
+    shared = shared_stage_configs(demo, ["--output_dir", "runs/x"], spec, points)
+    assert {s: c.output_dir for s, c in shared.items()} == {0: "runs/x", 1: "runs/x/seeds/seed=1",
+                                                            2: "runs/x/seeds/seed=2"}
+    # The sweep's constants reach the shared stages; seed is each folder's own.
+    assert all(c.seed == s and not c.eval.greedy for s, c in shared.items())
+
+
+def test_agent_points_of_different_seeds_get_their_own_folders(tmp_path, monkeypatch):
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.sweep import agent_run_dir, agent_shared_dir
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
+    folders = {}
+    for seed in (0, 3):
+        overrides = ["--output_dir", str(tmp_path), "--gate.mode=all", f"--seed={seed}"]
+        cfg = load_config(None, overrides)
+        folders[seed] = (agent_run_dir(cfg, overrides), agent_shared_dir(None, overrides, cfg))
+    assert folders[0][0] != folders[3][0] and "seed=3" in folders[3][0].name
+    assert folders[0][1] == tmp_path and folders[3][1] == tmp_path / "seeds" / "seed=3"
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -139,7 +276,7 @@ def test_local_sweep_reuses_rollouts_and_resumes(tiny_model_dir, tmp_path, monke
     assert len(points) == 2
     assert len(rollout_stages) == 1  # rollouts were generated once, for the whole sweep
     sweep_dir = tmp_path / "run" / "sweeps" / "t"
-    rows = json.loads((sweep_dir / "ablation.json").read_text())
+    rows = json.loads((sweep_dir / "ablation.json").read_text())["points"]
     assert [r["point"] for r in rows] == [{"gate.k": 2, "gate.mode": "topk"}, {"gate.k": 2, "gate.mode": "all"},
                                           {"gate.k": 3, "gate.mode": "topk"}, {"gate.k": 3, "gate.mode": "all"}]
     assert rows[3]["same_as"] == {"gate.k": 2, "gate.mode": "all"}
@@ -194,3 +331,59 @@ def test_wandb_agent_point_runs_in_its_own_folder_and_logs_to_wandb(tiny_model_d
     logged_losses = [h["train/loss"] for h in history if "train/loss" in h]
     assert len(logged_losses) == 3  # training.max_steps with logging_steps 1
     assert logged_losses == pytest.approx([h["loss"] for h in train_log if "loss" in h])
+
+
+@pytest.mark.slow
+def test_sweep_over_seeds_shares_stages_per_seed_and_aggregates(tiny_model_dir, tmp_path, monkeypatch, mixed_verify):
+    from reasonmaxxer.cli import train_main
+    from reasonmaxxer.pipeline import Pipeline
+
+    sweep = _sweep_file(tmp_path, {"gate.mode": {"values": ["topk", "all"]}, "gate.k": {"value": 2},
+                                   "seed": {"values": [0, 1]}}, name="s")
+    args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--eval.num_samples", "2", "--eval.bootstrap", "100",
+            "--eval.movement_rollouts", "4", "--eval.greedy", "false", "--sweep", str(sweep)]
+    rollout_stages = _count(monkeypatch, Pipeline, "stage_rollouts")
+    assert train_main(args) == 0
+    assert len(rollout_stages) == 2  # once per seed, shared by that seed's two points
+    run = tmp_path / "run"
+    shared = {0: run, 1: run / "seeds" / "seed=1"}
+    out = json.loads((run / "sweeps" / "s" / "ablation.json").read_text())
+    points, groups = out["points"], out["groups"]
+    assert [(r["point"]["gate.mode"], r["seed"]) for r in points] == [("topk", 0), ("topk", 1), ("all", 0), ("all", 1)]
+    for r in points:
+        point_dir = Path(r["run_dir"])
+        assert (point_dir / "rollouts.jsonl").resolve() == (shared[r["seed"]] / "rollouts.jsonl").resolve()
+        assert (shared[r["seed"]] / "eval_samples" / "base_samples.jsonl").exists()
+        accuracy = json.loads((point_dir / "accuracy.json").read_text())
+        assert len(r["per_problem_delta"]) == accuracy["delta_pass_at_1"]["n"] == 4
+        assert np.mean(list(r["per_problem_delta"].values())) == pytest.approx(accuracy["delta_pass_at_1"]["mean"])
+    heldout = {s: {json.loads(line)["prompt"] for line in (d / "problems.jsonl").read_text().splitlines()
+                   if json.loads(line)["split"] == "heldout"} for s, d in shared.items()}
+    assert heldout[0] != heldout[1]  # each seed its own problems: deltas are paired within a seed
+    assert [g["label"] for g in groups] == ["mode=topk", "mode=all"]
+    for g, members in zip(groups, (points[:2], points[2:])):
+        assert g["seeds"] == [0, 1] and g["interval_over"] == "seeds and problems"
+        assert g["delta_pass_at_1"] == pytest.approx(np.mean([m["delta_pass_at_1"] for m in members]))
+        assert g["kl_mean_all"] == pytest.approx(np.mean([m["kl_mean_all"] for m in members]))
+        assert g["per_seed"][1]["delta_pass_at_1"] == members[1]["delta_pass_at_1"]
+    table = (run / "sweeps" / "s" / "ablation.md").read_text()
+    assert "| mode=topk | 0, 1 |" in table and "| mode=all | 0, 1 |" in table
+    assert (run / "sweeps" / "s" / "ablation.png").stat().st_size > 0
+
+
+def test_plan_lists_seeds_and_points_without_doing_anything(tmp_path, capsys):
+    from reasonmaxxer.cli import train_main
+
+    out_dir = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(out_dir),
+            "--sweep", str(ROOT / "configs" / "sweeps" / "demo_seeds.yaml"), "--plan"]
+    assert train_main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "sweep demo_seeds: 9 points"
+    assert [ln.strip() for ln in lines[1:4]] == [f"seed 0: shared stages in {out_dir} (to run)",
+                                                 f"seed 1: shared stages in {out_dir}/seeds/seed=1 (to run)",
+                                                 f"seed 2: shared stages in {out_dir}/seeds/seed=2 (to run)"]
+    assert len(lines) == 13 and all(ln.endswith("to train and evaluate") for ln in lines[4:])
+    assert not out_dir.exists()
+    assert train_main(["--config", str(ROOT / "configs" / "demo.yaml"), "--plan"]) == 2
+    assert "--plan prints the points of a sweep" in capsys.readouterr().err

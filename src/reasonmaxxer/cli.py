@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -66,6 +67,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo the stages of output_dir that were made with other settings (deletes their outputs)")
     parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --sweep: print each seed's shared folder and each point's folder with what is "
+                             "done, and stop")
     parser.add_argument("--merge", action="store_true",
                         help="after training (finished stages are skipped), write the base with the adapter merged "
                              "in to <output_dir>/merged/ (safetensors + tokenizer, loads without PEFT)")
@@ -82,6 +86,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if args.sweep and dist.world_size() > 1:
             raise UserError("--sweep runs its points one after another in one process; launch it with "
                             "`python train.py`, not torchrun (each point can still use every GPU it sees)")
+        if args.plan and not args.sweep:
+            raise UserError("--plan prints the points of a sweep; pass it with --sweep FILE")
+        if args.sweep and args.plan:
+            from .sweep import sweep_plan
+
+            print(sweep_plan(args.config, overrides, args.sweep))
+            return 0
         if args.sweep:
             from .sweep import run_sweep
 
@@ -96,10 +107,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if point_dir is not None and dist.world_size() > 1:
             raise UserError("a `wandb agent` sweep point runs in one process; start the agent without torchrun")
         if point_dir is not None:  # one point of a `wandb agent` sweep: train and evaluate it
-            from .sweep import agent_point_config, ensure_shared_stages, run_point
+            from .sweep import agent_point_config, agent_shared_dir, ensure_shared_stages, run_point
 
-            ensure_shared_stages(cfg, not args.no_progress, tracked=False)  # the agent's one run is the point's
-            row = run_point({}, agent_point_config(cfg, point_dir), Path(cfg.output_dir), not args.no_progress)
+            shared_dir = agent_shared_dir(args.config, overrides, cfg)  # the folder of this point's seed
+            shared_cfg = dataclasses.replace(cfg, output_dir=str(shared_dir))
+            ensure_shared_stages(shared_cfg, not args.no_progress, tracked=False)  # the agent's one run is the point's
+            row = run_point({}, agent_point_config(cfg, point_dir), shared_dir, not args.no_progress)
             print(f"\nsweep point in {point_dir}: delta pass@1 {row['delta_pass_at_1']}, kl_ratio {row['kl_ratio']}")
             return 0
         from .pipeline import Pipeline, summary_table

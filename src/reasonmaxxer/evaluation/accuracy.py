@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from math import comb
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -70,6 +70,11 @@ def _mean_pass_at(rewards: dict[str, list[float]], k: int) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def per_problem_delta(base: dict[str, list[float]], adapter: dict[str, list[float]]) -> dict[str, float]:
+    """Per problem both models answered (sorted by id): mean reward of the adapter minus the base's."""
+    return {i: float(np.mean(adapter[i]) - np.mean(base[i])) for i in sorted(set(base) & set(adapter))}
+
+
 def paired_bootstrap_delta(
     base: dict[str, list[float]], adapter: dict[str, list[float]], *, resamples: int, seed: int
 ) -> dict[str, Any]:
@@ -77,11 +82,47 @@ def paired_bootstrap_delta(
 
     Both models answered the same problems, so the difference is paired per problem.
     """
-    ids = sorted(set(base) & set(adapter))
-    if not ids:
+    deltas = per_problem_delta(base, adapter)
+    if not deltas:
         return {"mean": None, "ci95": [None, None], "n": 0}
-    diff = np.array([np.mean(adapter[i]) - np.mean(base[i]) for i in ids])
+    diff = np.array(list(deltas.values()))
     rng = np.random.default_rng(seed)
     boots = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": len(ids)}
+    return {"mean": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": len(diff)}
+
+
+def hierarchical_bootstrap_delta(per_seed: Sequence[Sequence[float]], *, resamples: int, seed: int) -> dict[str, Any]:
+    """Mean over seeds of each seed's mean per-problem delta, with a 95% percentile interval.
+
+    ``per_seed[s]`` holds seed s's per-problem deltas (adapter minus base, paired within
+    that seed; the seeds need not share problems). Each resample draws as many seeds as
+    there are, with replacement, and for each drawn seed resamples its problems with
+    replacement (a hierarchical bootstrap), so the interval carries both the spread
+    between training seeds and the finite held-out set. Seeds without problems are left out.
+    """
+    groups = [np.asarray(d, dtype=float) for d in per_seed if len(d)]
+    if not groups:
+        return {"mean": None, "ci95": [None, None], "n_seeds": 0}
+    boots = hierarchical_resample_means(groups, resamples=resamples, rng=np.random.default_rng(seed))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"mean": float(np.mean([g.mean() for g in groups])), "ci95": [float(lo), float(hi)],
+            "n_seeds": len(groups)}
+
+
+def hierarchical_resample_means(groups: list[np.ndarray], *, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``resamples`` bootstrap replicates of the mean over seeds of per-seed mean deltas.
+
+    groups: one 1-D array of per-problem deltas per seed (lengths may differ). Returns
+    shape (resamples,). A seed drawn twice in one replicate gets two independent problem
+    resamples, as the two-level bootstrap prescribes.
+    """
+    n_seeds = len(groups)
+    drawn = rng.integers(0, n_seeds, size=(resamples, n_seeds))  # which seed fills each slot
+    total = np.zeros(resamples)
+    for slot in range(n_seeds):
+        for s, diff in enumerate(groups):
+            rows = np.flatnonzero(drawn[:, slot] == s)
+            if rows.size:
+                total[rows] += diff[rng.integers(0, len(diff), size=(rows.size, len(diff)))].mean(axis=1)
+    return total / n_seeds
