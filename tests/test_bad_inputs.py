@@ -56,6 +56,8 @@ CATALOGUE = [
     ("unknown key", "train", ["--gate.tua", "1.8"], "gate.tua: unknown key (did you mean 'tau'?)", 2),
     ("Trainer evaluation asked for", "train", ["--training.eval_strategy", "steps"],
      "training.eval_strategy: 'steps' asks for the Trainer's evaluation", 2),
+    ("prompt KL with the cached anchor", "train", ["--loss.kl_on_prompt", "true"],
+     "loss.kl_on_prompt: needs loss.kl_anchor: exact", 2),
     ("unknown section", "train", ["--gaet.tau", "1.8"], "gaet: unknown section or key (did you mean 'gate'?)", 2),
     ("wrong type", "train", ["--rollout.num_samples", "x"], "rollout.num_samples: expected an integer, got 'x'", 2),
     ("tau out of range", "train", ["--gate.tau", "-1"], "gate.tau: must be >= 0, got -1.0", 2),
