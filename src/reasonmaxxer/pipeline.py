@@ -268,7 +268,7 @@ class Pipeline:
         )
         import torch
 
-        entropy = torch.cat([s["entropy"] for s in load_scores(self.path("scores")).values()])
+        entropy = torch.cat([s["entropy"] for s in load_scores(self.path("scores"), keys=("entropy",)).values()])
         summary.pop("seconds")
         summary.update({
             "tokens": int(entropy.numel()),
@@ -287,7 +287,7 @@ class Pipeline:
         return summary
 
     def stage_training(self) -> dict[str, Any]:
-        from .stages.scoring import load_scores
+        from .stages.scoring import LazyScores
         from .stages.trainer import build_trainer, train_adapter
 
         model, tokenizer = self.model_and_tokenizer()
@@ -295,7 +295,8 @@ class Pipeline:
         heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None
         trainer = build_trainer(
             self.cfg, model, tokenizer, self.rollouts(), read_jsonl_cut_torn_tail(self.path("selection.jsonl")),
-            load_scores(self.path("scores")), self.path("checkpoints"),
+            # Each process reads the scores of the rollouts its data loader gives it, when it gets them.
+            LazyScores(self.path("scores")), self.path("checkpoints"),
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
             entropy_temperature=self.cfg.entropy_temperature, progress=self.progress, heldout=heldout,
         )
