@@ -244,7 +244,9 @@ class Pipeline:
             m = self.cfg.model
             path = resolve_model_path(m.name_or_path)
             model = VllmSampler(path, dtype=m.dtype, seed=self.cfg.seed, trust_remote_code=m.trust_remote_code,
-                                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization)
+                                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization,
+                                tensor_parallel_size=self.cfg.rollout.vllm_tensor_parallel_size,
+                                max_model_len=self.cfg.rollout.vllm_max_model_len)
             tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
         else:
             model, tokenizer = self.model_and_tokenizer()
