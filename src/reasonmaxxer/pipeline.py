@@ -90,6 +90,10 @@ class Pipeline:
         fp: dict[str, str] = {}
         fp["problems"] = fingerprint({"data": c["data"], "seed": c["seed"]})
         rollout = {k: v for k, v in c["rollout"].items() if k != "vllm_gpu_memory_utilization"}  # same samples
+        # Sizes added later count only when set, so runs made before them keep their fingerprint.
+        for key, default in (("vllm_tensor_parallel_size", 1), ("vllm_max_model_len", 0)):
+            if rollout.get(key) == default:
+                rollout.pop(key)
         fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
                                       "rollout": rollout, "seed": c["seed"], "reward": c["reward"]})
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
