@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,9 +28,61 @@ from reasonmaxxer.config.loading import load_config  # noqa: E402
 from reasonmaxxer.models.forward import completion_logits  # noqa: E402
 from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
 from reasonmaxxer.stages.scoring import score_batch  # noqa: E402
-from reasonmaxxer.stages.trainer import build_trainer
+from reasonmaxxer.stages.trainer import build_trainer  # noqa: E402
 from reasonmaxxer.testing import build_tiny_model_dir  # noqa: E402
 from reasonmaxxer.utils.sequences import pack_batch  # noqa: E402
+
+
+def step_kinds(model, tokenizer, workdir: Path, *, batch: int, prompt_len: int, completion_len: int,
+               top_k: int) -> dict[str, Callable[[], None]]:
+    """One training step of each kind on the same PEFT model and random batch (bench/gpu.py uses it too).
+
+    Puts a fresh LoRA adapter on ``model`` (through build_trainer). Returns, per kind
+    (plain, cached, exact), a callable that runs one forward, backward and AdamW step.
+    """
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rollouts = [{"prompt_ids": torch.randint(3, vocab, (prompt_len,)).tolist(),
+                 "completion_ids": torch.randint(3, vocab, (completion_len,)).tolist()}
+                for _ in range(batch)]
+    packed = {k: v.to(device) for k, v in pack_batch([r["prompt_ids"] for r in rollouts],
+                                                     [r["completion_ids"] for r in rollouts],
+                                                     tokenizer.pad_token_id).items()}
+    model.eval()
+    stats = score_batch(model, packed, top_k=top_k, chunk_size=128, entropy_temperature=0.6)
+    scores = {i: {k: v[i].cpu() for k, v in stats.items()} for i in range(batch)}
+    del stats, packed
+    selection = [{"rollout_index": i, "advantage": 1.0 if i % 2 else -1.0} for i in range(batch)]
+    cfg = load_config(None, ["--scoring.top_k", str(top_k), "--lora.dropout", "0.0"])
+    trainer = build_trainer(cfg, model, tokenizer, rollouts, selection, scores, workdir / "ckpt",
+                            entropy_temperature=0.6)
+    peft_model = trainer.model
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    data = {k: v.to(device) for k, v in trainer.data_collator([trainer.train_dataset[i]
+                                                                for i in range(batch)]).items()}
+
+    def plain_loss() -> torch.Tensor:
+        logits = completion_logits(peft_model, data)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), data["completion_ids"].flatten(),
+                                                reduction="none").view_as(data["completion_ids"])
+        mask = data["completion_mask"].float()
+        return (nll * mask).sum() / mask.sum()
+
+    def gated_loss(anchor: str) -> torch.Tensor:
+        trainer.loss_cfg.kl_anchor = anchor
+        return trainer.compute_loss(peft_model, dict(data))
+
+    def stepper(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    return {"plain": stepper(plain_loss), "cached": stepper(lambda: gated_loss("cached")),
+            "exact": stepper(lambda: gated_loss("exact"))}
 
 
 def main() -> None:
@@ -50,48 +103,15 @@ def main() -> None:
     model = load_model(path, dtype="auto")
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
-    rollouts = [{"prompt_ids": torch.randint(3, vocab, (args.prompt_len,)).tolist(),
-                 "completion_ids": torch.randint(3, vocab, (args.completion_len,)).tolist()}
-                for _ in range(args.batch)]
-    packed = {k: v.to(device) for k, v in pack_batch([r["prompt_ids"] for r in rollouts],
-                                                     [r["completion_ids"] for r in rollouts],
-                                                     tokenizer.pad_token_id).items()}
-    model.eval()
-    stats = score_batch(model, packed, top_k=args.top_k, chunk_size=128, entropy_temperature=0.6)
-    scores = {i: {k: v[i].cpu() for k, v in stats.items()} for i in range(args.batch)}
-    selection = [{"rollout_index": i, "advantage": 1.0 if i % 2 else -1.0} for i in range(args.batch)]
-    cfg = load_config(None, ["--scoring.top_k", str(args.top_k), "--lora.dropout", "0.0"])
-    trainer = build_trainer(cfg, model, tokenizer, rollouts, selection, scores, Path(tmp) / "ckpt",
-                            entropy_temperature=0.6)
-    peft_model = trainer.model
-    peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    batch = {k: v.to(device) for k, v in trainer.data_collator([trainer.train_dataset[i]
-                                                                 for i in range(args.batch)]).items()}
-
-    def plain_loss() -> torch.Tensor:
-        logits = completion_logits(peft_model, batch)
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["completion_ids"].flatten(),
-                                                reduction="none").view_as(batch["completion_ids"])
-        mask = batch["completion_mask"].float()
-        return (nll * mask).sum() / mask.sum()
-
-    def gated_loss(anchor: str) -> torch.Tensor:
-        trainer.loss_cfg.kl_anchor = anchor
-        return trainer.compute_loss(peft_model, dict(batch))
-
-    kinds = {"plain": plain_loss, "cached": lambda: gated_loss("cached"), "exact": lambda: gated_loss("exact")}
+    kinds = step_kinds(model, tokenizer, Path(tmp), batch=args.batch, prompt_len=args.prompt_len,
+                       completion_len=args.completion_len, top_k=args.top_k)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
-        for name, fn in kinds.items():
+        for name, step in kinds.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = fn()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep > 0:

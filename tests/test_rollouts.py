@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -442,6 +443,48 @@ def test_fast_generate_samples_are_seeded_and_shaped(tiny_model_dir):
         for toks, finish in rows:
             assert 1 <= len(toks) <= 6
             assert (finish == "eos") == (toks[-1] == tokenizer.eos_token_id)
+
+
+def _count_device_reads(monkeypatch) -> list[tuple[str, str]]:
+    """Record every read of a tensor's value into Python made from ReasonMaxxer's own code."""
+    reads: list[tuple[str, str]] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}reasonmaxxer{os.sep}" in caller:
+                reads.append((_name, Path(caller).name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("do_sample, top_p", [(True, 0.9), (True, 1.0), (False, 1.0)])
+def test_fast_generate_reads_the_device_at_most_once_per_step(model, tokenizer, monkeypatch, do_sample, top_p):
+    """One small read per decode step (finished and nucleus-fallback flags) plus one of the tokens at the end.
+
+    Decode steps are counted as the model's forward calls (the prefill is the first).
+    Before, the loop read the tokens, the live rows, the finished rows and two any/all
+    flags each step, and the sampler its fallback flag: 5 to 7 reads per step.
+    """
+    prompts = [tokenizer("What is 12 + 7?")["input_ids"], tokenizer("3 * 4 =")["input_ids"]]
+    cfg = RolloutConfig(num_samples=4 if do_sample else 1, max_new_tokens=8, temperature=1.0, top_p=top_p)
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    reads = _count_device_reads(monkeypatch)
+    try:
+        out = fast_generate(model, prompts, cfg, {tokenizer.eos_token_id}, tokenizer.pad_token_id, seed=3,
+                            do_sample=do_sample)
+    finally:
+        monkeypatch.undo()
+        hook.remove()
+    finishes = [f for rows in out for _, f in rows]
+    if do_sample:  # rows left the batch early, and others ran to the end: both paths of the loop ran
+        assert "eos" in finishes and "length" in finishes and len(forwards) == cfg.max_new_tokens
+    assert set(reads) <= {("tolist", "sampling.py")}, reads
+    assert len(reads) <= len(forwards) + 1, (len(reads), len(forwards))
 
 
 # --------------------------------------------------------------------------------------

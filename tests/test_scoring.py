@@ -248,3 +248,77 @@ def test_score_rollouts_stops_at_a_nan_entropy_naming_rollout_and_position(model
     assert not list((tmp_path / "scores").glob("shard-*"))
     # the healthy model scores the same rollouts
     score_rollouts(model, rollouts, tmp_path / "ok", **dict(KW, batch_size=8))
+
+
+def test_lazy_scores_equal_the_eager_loader_and_read_only_what_is_asked(model, tmp_path: Path, monkeypatch) -> None:
+    """LazyScores (the training stage's loader) gives load_scores's tensors, rollout by rollout.
+
+    Building it reads only each shard's index; a lookup reads that rollout's slices of
+    one shard. It survives pickling (data-loader workers) and feeds the collator the same
+    batch as the eager dict. ``keys`` narrows load_scores to the stored keys asked for.
+    """
+    import pickle
+
+    import safetensors
+
+    from reasonmaxxer.stages.scoring import LazyScores
+    from reasonmaxxer.stages.trainer import ForkCollator
+
+    rollouts = _rollouts(model.config.vocab_size)
+    score_rollouts(model, rollouts, tmp_path, **dict(KW, batch_size=3))  # several shards
+    eager = load_scores(tmp_path)
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) > 1
+
+    sliced: list[str] = []
+    real_open = safetensors.safe_open
+
+    class CountingOpen:  # records every tensor the lazy loader reads, whole or sliced
+        def __init__(self, *args, **kwargs):
+            self._inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def keys(self):
+            return self._inner.keys()
+
+        def get_tensor(self, key):
+            sliced.append(f"whole {key}")
+            return self._inner.get_tensor(key)
+
+        def get_slice(self, key):
+            sliced.append(f"slice {key}")
+            return self._inner.get_slice(key)
+
+    monkeypatch.setattr("reasonmaxxer.stages.scoring.safe_open", CountingOpen)
+    lazy = LazyScores(tmp_path)
+    assert set(sliced) == {"whole lengths", "whole rollout_index"}  # the index, nothing of the scores
+    sliced.clear()
+    first = lazy[3]
+    assert sorted(sliced) == sorted(f"slice {k}" for k in eager[3])  # one rollout's slices
+    monkeypatch.undo()
+
+    assert sorted(lazy) == sorted(eager) and len(lazy) == len(eager)
+    for i in eager:
+        got = lazy[i]
+        assert set(got) == set(eager[i])
+        for key in eager[i]:
+            assert torch.equal(got[key], eager[i][key]), (i, key)
+    for key in first:
+        assert torch.equal(first[key], eager[3][key])
+
+    copy = pickle.loads(pickle.dumps(lazy))
+    assert all(torch.equal(copy[i]["entropy"], eager[i]["entropy"]) for i in eager)
+
+    rows = [{"rollout_index": i, "advantage": 1.0} for i in (4, 0, 2)]
+    from_lazy = ForkCollator(PAD, rollouts, lazy)(rows)
+    from_eager = ForkCollator(PAD, rollouts, eager)(rows)
+    assert from_lazy.keys() == from_eager.keys()
+    assert all(torch.equal(from_lazy[k], from_eager[k]) for k in from_eager)
+
+    only_entropy = load_scores(tmp_path, keys=("entropy",))
+    assert all(set(v) == {"entropy"} and torch.equal(v["entropy"], eager[i]["entropy"])
+               for i, v in only_entropy.items())

@@ -46,3 +46,83 @@ def test_missing_vllm_is_one_line_before_any_work(tiny_model_dir, tmp_path, caps
     assert err == ["error: rollout.backend: 'vllm' needs the vllm package, which is not installed; "
                    "pip install 'reasonmaxxer[vllm]' on a CUDA machine, or use rollout.backend: fast"]
     assert not (tmp_path / "run" / "problems.jsonl").exists()
+
+
+class _FakeLLM:
+    """Stands in for ``vllm.LLM``: records its constructor's arguments, answers every prompt with a fixed EOS'd sample."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kwargs):
+        _FakeLLM.made.append(kwargs)
+
+    def generate(self, requests, params, use_tqdm=False):
+        return [SimpleNamespace(outputs=[_out(j, [5, 6], "stop", None) for j in range(params.n)]) for _ in requests]
+
+
+def _fake_vllm(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", loader=None)
+    module.LLM = _FakeLLM
+    module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    _FakeLLM.made.clear()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], {"tensor_parallel_size": 1}),  # max_model_len left to vLLM (the model's own)
+    (["--rollout.vllm_tensor_parallel_size", "2", "--rollout.vllm_max_model_len", "640"],
+     {"tensor_parallel_size": 2, "max_model_len": 640}),
+])
+def test_vllm_engine_gets_tensor_parallel_size_and_max_model_len(tiny_model_dir, tmp_path, monkeypatch,
+                                                                 overrides, expected):
+    from reasonmaxxer.testing import tiny_run_args
+
+    _fake_vllm(monkeypatch)
+    run = tmp_path / "run"
+    args = [*overrides, "--rollout.backend", "vllm"]
+    assert train_main(tiny_run_args(tiny_model_dir, run, *args, "--stage", "problems")) == 0
+    assert train_main(tiny_run_args(tiny_model_dir, run, *args, "--stage", "rollouts")) == 0
+    assert len(_FakeLLM.made) == 1
+    made = _FakeLLM.made[0]
+    assert {k: made[k] for k in ("tensor_parallel_size", "max_model_len") if k in made} == expected
+    assert (run / "rollouts.jsonl").read_text().count("\n") > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--rollout.vllm_tensor_parallel_size", "0"], "rollout.vllm_tensor_parallel_size: must be >= 1, got 0"),
+    (["--rollout.max_new_tokens", "64", "--rollout.vllm_max_model_len", "64"],
+     "rollout.vllm_max_model_len: must be 0 (the model's own) or more than rollout.max_new_tokens (64), got 64"),
+])
+def test_vllm_sizes_out_of_range_name_the_key(overrides, message):
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value) == message
+
+
+def test_vllm_sizes_enter_the_rollouts_fingerprint_only_when_set(tmp_path):
+    """Runs made before these keys existed keep their rollouts: at their defaults the fingerprint is
+    the one computed from the rollout settings without them; set, they change it (samples may differ)."""
+    from reasonmaxxer.config.loading import load_config
+    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.utils.storage import fingerprint
+
+    def rollouts_fp(*overrides):
+        return Pipeline(load_config(None, ["--output_dir", str(tmp_path / "run"), *overrides])).fingerprints()["rollouts"]
+
+    cfg = load_config(None, ["--output_dir", str(tmp_path / "run")]).to_dict()
+    before_keys = {k: v for k, v in cfg["rollout"].items()
+                   if k not in ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_max_model_len")}
+    problems = fingerprint({"data": cfg["data"], "seed": cfg["seed"]})
+    by_hand = fingerprint({"up": problems, "model": cfg["model"]["name_or_path"], "rollout": before_keys,
+                           "seed": cfg["seed"], "reward": cfg["reward"]})
+    assert rollouts_fp() == by_hand
+    changed = {rollouts_fp("--rollout.vllm_tensor_parallel_size", "2"), rollouts_fp("--rollout.vllm_max_model_len", "512")}
+    assert by_hand not in changed and len(changed) == 2

@@ -90,6 +90,10 @@ class Pipeline:
         fp: dict[str, str] = {}
         fp["problems"] = fingerprint({"data": c["data"], "seed": c["seed"]})
         rollout = {k: v for k, v in c["rollout"].items() if k != "vllm_gpu_memory_utilization"}  # same samples
+        # Sizes added later count only when set, so runs made before them keep their fingerprint.
+        for key, default in (("vllm_tensor_parallel_size", 1), ("vllm_max_model_len", 0)):
+            if rollout.get(key) == default:
+                rollout.pop(key)
         fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
                                       "rollout": rollout, "seed": c["seed"], "reward": c["reward"]})
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
@@ -244,7 +248,9 @@ class Pipeline:
             m = self.cfg.model
             path = resolve_model_path(m.name_or_path)
             model = VllmSampler(path, dtype=m.dtype, seed=self.cfg.seed, trust_remote_code=m.trust_remote_code,
-                                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization)
+                                gpu_memory_utilization=self.cfg.rollout.vllm_gpu_memory_utilization,
+                                tensor_parallel_size=self.cfg.rollout.vllm_tensor_parallel_size,
+                                max_model_len=self.cfg.rollout.vllm_max_model_len)
             tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
         else:
             model, tokenizer = self.model_and_tokenizer()
@@ -268,7 +274,7 @@ class Pipeline:
         )
         import torch
 
-        entropy = torch.cat([s["entropy"] for s in load_scores(self.path("scores")).values()])
+        entropy = torch.cat([s["entropy"] for s in load_scores(self.path("scores"), keys=("entropy",)).values()])
         summary.pop("seconds")
         summary.update({
             "tokens": int(entropy.numel()),
@@ -287,7 +293,7 @@ class Pipeline:
         return summary
 
     def stage_training(self) -> dict[str, Any]:
-        from .stages.scoring import load_scores
+        from .stages.scoring import LazyScores
         from .stages.trainer import build_trainer, train_adapter
 
         model, tokenizer = self.model_and_tokenizer()
@@ -295,7 +301,8 @@ class Pipeline:
         heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None
         trainer = build_trainer(
             self.cfg, model, tokenizer, self.rollouts(), read_jsonl_cut_torn_tail(self.path("selection.jsonl")),
-            load_scores(self.path("scores")), self.path("checkpoints"),
+            # Each process reads the scores of the rollouts its data loader gives it, when it gets them.
+            LazyScores(self.path("scores")), self.path("checkpoints"),
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
             entropy_temperature=self.cfg.entropy_temperature, progress=self.progress, heldout=heldout,
         )

@@ -166,6 +166,15 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = _help(
         "With backend vllm: the share of GPU memory vLLM may take for weights and KV cache.", default=0.5
     )
+    vllm_tensor_parallel_size: int = _help(
+        "With backend vllm: GPUs the engine splits the model over (tensor parallel), from one process; "
+        "for a base too large for one GPU's share.", default=1
+    )
+    vllm_max_model_len: int = _help(
+        "With backend vllm: the longest prompt + completion the engine plans its KV cache for "
+        "(0: the model's own context length); smaller fits a long-context model's cache on a small GPU.",
+        default=0,
+    )
 
     def validate(self) -> None:
         _need(self.num_samples >= 2, "rollout.num_samples", self.num_samples, "must be >= 2 (advantages need a group)")
@@ -175,6 +184,11 @@ class RolloutConfig:
         _need(self.batch_size >= 1, "rollout.batch_size", self.batch_size, "must be >= 1")
         u = self.vllm_gpu_memory_utilization
         _need(0 < u <= 1, "rollout.vllm_gpu_memory_utilization", u, "must be in (0, 1]")
+        _need(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size",
+              self.vllm_tensor_parallel_size, "must be >= 1")
+        _need(self.vllm_max_model_len == 0 or self.vllm_max_model_len > self.max_new_tokens,
+              "rollout.vllm_max_model_len", self.vllm_max_model_len,
+              f"must be 0 (the model's own) or more than rollout.max_new_tokens ({self.max_new_tokens})")
 
 
 

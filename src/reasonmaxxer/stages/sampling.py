@@ -6,7 +6,7 @@ Shapes: B rows being decoded (prompts x samples), V vocabulary.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 
@@ -83,13 +83,71 @@ def cut_at_eos(tokens: Sequence[int], eos_ids: set[int]) -> tuple[list[int], str
     return out, "length"
 
 
+class NucleusCandidates(NamedTuple):
+    """The ``candidates`` most likely tokens of each row, scaled by the temperature (n rows, k candidates).
+
+    ``short`` flags the rows whose candidates hold less than top_p of the mass: their
+    nucleus reaches past the candidates, and only a full sort finds it.
+    """
+
+    z: torch.Tensor  # (n, V) logits / temperature, float32
+    lse: torch.Tensor  # (n, 1) log-sum-exp of z
+    probs: torch.Tensor  # (n, k) probabilities of the candidates, descending
+    idx: torch.Tensor  # (n, k) their token ids
+    short: torch.Tensor  # (n,) bool
+
+    def rows(self, index: torch.Tensor) -> "NucleusCandidates":
+        """The same candidates for the batch rows ``index`` ((m,) long), in that order."""
+        return NucleusCandidates(*(t[index] for t in self))
+
+
+def nucleus_candidates(logits: torch.Tensor, *, temperature: float, top_p: float,
+                       candidates: int = 256) -> NucleusCandidates:
+    """Everything nucleus sampling needs from ``logits`` ((n, V)), computed without reading the device."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    vals, idx = z.topk(min(candidates, z.shape[-1]), dim=-1)  # sorted, descending
+    probs = torch.exp(vals - lse)
+    return NucleusCandidates(z, lse, probs, idx, probs.sum(-1) < top_p)
+
+
+def sample_from_candidates(cand: NucleusCandidates, short_rows: Sequence[bool], *, top_p: float,
+                           generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from the nucleus; ``short_rows`` is ``cand.short`` as read to the host.
+
+    Rows flagged short are sorted over the full vocabulary; the others sample among their
+    candidates. Row indices are built on the device from the flags and their host count
+    (``nonzero_static``), so this reads nothing from the device.
+
+    Returns:
+        (n,) sampled token ids.
+    """
+    n_short = sum(short_rows)
+    if n_short == 0:
+        picked = _sample_nucleus(cand.probs, top_p, generator)
+        return cand.idx.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+    n = len(short_rows)
+    short_idx = torch.nonzero_static(cand.short, size=n_short).squeeze(-1)
+    full_vals, full_idx = cand.z[short_idx].sort(dim=-1, descending=True)
+    picked = _sample_nucleus(torch.exp(full_vals - cand.lse[short_idx]), top_p, generator)
+    out = torch.empty(n, dtype=torch.long, device=cand.z.device)
+    out[short_idx] = full_idx.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+    if n_short < n:
+        rest = torch.nonzero_static(~cand.short, size=n - n_short).squeeze(-1)
+        keep = _sample_nucleus(cand.probs[rest], top_p, generator)
+        out[rest] = cand.idx[rest].gather(-1, keep.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None,
                 do_sample: bool = True, candidates: int = 256) -> torch.Tensor:
     """One token per row: greedy, or nucleus sampling at a temperature.
 
     The nucleus is searched among the ``candidates`` most likely tokens first (a top-k
     instead of a full-vocabulary sort); rows whose candidates hold less than ``top_p`` of
-    the mass fall back to the full sort, so the result is exact either way.
+    the mass fall back to the full sort, so the result is exact either way. Nucleus
+    sampling reads the (n,) fallback flags from the device once; ``fast_generate`` reads
+    them together with its finished flags instead (see sample_from_candidates).
 
     Args:
         logits: (n, V) next-token logits.
@@ -99,25 +157,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, gener
     """
     if not do_sample:
         return logits.argmax(-1)
-    z = logits.float() / temperature
     if top_p >= 1.0:
-        return torch.multinomial(torch.softmax(z, -1), 1, generator=generator).squeeze(-1)
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    vals, idx = z.topk(min(candidates, z.shape[-1]), dim=-1)  # sorted, descending
-    probs = torch.exp(vals - lse)
-    short = probs.sum(-1) < top_p
-    if short.any():  # the candidates miss part of the nucleus: sort those rows fully
-        full_vals, full_idx = z[short].sort(dim=-1, descending=True)
-        rows = torch.exp(full_vals - lse[short])
-        picked = _sample_nucleus(rows, top_p, generator)
-        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        out[short] = full_idx.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
-        if (~short).any():
-            keep = _sample_nucleus(probs[~short], top_p, generator)
-            out[~short] = idx[~short].gather(-1, keep.unsqueeze(-1)).squeeze(-1)
-        return out
-    picked = _sample_nucleus(probs, top_p, generator)
-    return idx.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+        return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator).squeeze(-1)
+    cand = nucleus_candidates(logits, temperature=temperature, top_p=top_p, candidates=candidates)
+    return sample_from_candidates(cand, cand.short.tolist(), top_p=top_p, generator=generator)
 
 
 def _sample_nucleus(sorted_probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -141,8 +184,15 @@ def fast_generate(
     """cfg.num_samples completions per prompt with a KV-cache loop that drops finished rows.
 
     ``model.generate`` keeps computing every row until the longest one ends; here a row
-    leaves the batch (and the cache) at its EOS, so a step costs only the live rows. The
+    leaves the batch (and the cache) after its EOS, so a step costs only the live rows. The
     prompts are prefilled once each and the cache is repeated for the samples.
+
+    The loop reads the device once per step: one small tensor holding the previous step's
+    finished flags and this step's nucleus fallback flags (nothing at all when neither
+    exists: greedy or top_p = 1 at the first step). Tokens stay on the device until the
+    end. So a row that ends at step t is dropped at step t + 1, after taking part in one
+    more forward pass whose output is discarded; the tokens sampled for the live rows are
+    the ones an immediate drop would give (same rows, same generator draws).
 
     Returns, per prompt, a list of (completion_ids, finish_reason).
     """
@@ -162,34 +212,47 @@ def fast_generate(
     next_pos = position_ids[:, -1].repeat_interleave(n, dim=0) + 1
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(sorted(eos_ids), device=device)
+    nucleus = do_sample and cfg.top_p < 1.0
 
     rows = len(prompts) * n
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    finish = ["length"] * rows
+    # Every sampled token, by original row; a dropped row keeps pad after its EOS, and
+    # cut_at_eos stops at that EOS, so the pads never reach a completion.
+    generated = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
     live = torch.arange(rows, device=device)  # original row of each batch row
+    ended: torch.Tensor | None = None  # (len(live),) bool: the row's last token was an EOS
     for step in range(cfg.max_new_tokens):
-        nxt = sample_next(logits, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-                          do_sample=do_sample)
-        for r, t in zip(live.tolist(), nxt.tolist()):
-            tokens[r].append(t)
-        done = torch.isin(nxt, eos)
-        for r in live[done].tolist():
-            finish[r] = "eos"
+        cand = nucleus_candidates(logits, temperature=cfg.temperature, top_p=cfg.top_p) if nucleus else None
+        flags = [f for f in (ended, None if cand is None else cand.short) if f is not None]
+        read = torch.stack(flags).tolist() if flags else []  # the step's one read of the device
+        short_rows = read[-1] if cand is not None else []
+        if ended is not None:
+            ended_rows = read[0]
+            n_live = len(ended_rows) - sum(ended_rows)
+            if n_live == 0:
+                break
+            if n_live < len(ended_rows):
+                kept = torch.nonzero_static(~ended, size=n_live).squeeze(-1)
+                cache.batch_select_indices(kept)
+                live, logits, attention_mask, next_pos = live[kept], logits[kept], attention_mask[kept], next_pos[kept]
+                if cand is not None:
+                    cand = cand.rows(kept)
+                    short_rows = [s for s, e in zip(short_rows, ended_rows) if not e]
+        if cand is not None:
+            nxt = sample_from_candidates(cand, short_rows, top_p=cfg.top_p, generator=generator)
+        else:
+            nxt = sample_next(logits, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+                              do_sample=do_sample)
+        generated[live, step] = nxt
+        ended = torch.isin(nxt, eos)
         if step == cfg.max_new_tokens - 1:
             break
-        keep = ~done
-        if not keep.any():
-            break
-        if not keep.all():
-            kept = keep.nonzero().squeeze(-1)
-            cache.batch_select_indices(kept)
-            live, nxt, attention_mask, next_pos = live[kept], nxt[kept], attention_mask[kept], next_pos[kept]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=-1)
         out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_pos.unsqueeze(-1),
                     cache=cache, use_cache=True)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    return [[(tokens[i * n + j], finish[i * n + j]) for j in range(n)] for i in range(len(prompts))]
+    completions = [cut_at_eos(row, eos_ids) for row in generated.tolist()]  # the call's one read of the tokens
+    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 @torch.no_grad()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..core.entropy import token_stats
@@ -148,13 +149,57 @@ def score_rollouts(
     }
 
 
-def load_scores(out_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """Per rollout index: ``entropy`` (L,), ``logp`` (L,), ``topk_logp``/``topk_ids`` (L, K)."""
+def load_scores(out_dir: Path, keys: tuple[str, ...] = SCORE_KEYS) -> dict[int, dict[str, torch.Tensor]]:
+    """Every rollout's scores in memory, per rollout index: ``entropy`` (L,), ``logp`` (L,),
+    ``topk_logp``/``topk_ids`` (L, K); only ``keys`` among them (the stored ones).
+
+    The training stage reads them through :class:`LazyScores` instead, which holds only
+    what its process touches.
+    """
     scores: dict[int, dict[str, torch.Tensor]] = {}
     for path in sorted(Path(out_dir).glob("shard-*.safetensors")):
-        shard = load_file(str(path))
-        offsets = [0, *shard["lengths"].cumsum(0).tolist()]
-        for row, index in enumerate(shard["rollout_index"].tolist()):
-            a, b = offsets[row], offsets[row + 1]
-            scores[index] = {k: shard[k][a:b] for k in SCORE_KEYS if k in shard}
+        with safe_open(str(path), framework="pt") as shard:
+            stored = [k for k in keys if k in shard.keys()]
+            offsets = [0, *shard.get_tensor("lengths").cumsum(0).tolist()]
+            values = {k: shard.get_tensor(k) for k in stored}
+            for row, index in enumerate(shard.get_tensor("rollout_index").tolist()):
+                a, b = offsets[row], offsets[row + 1]
+                scores[index] = {k: values[k][a:b] for k in stored}
     return scores
+
+
+class LazyScores(Mapping[int, dict[str, torch.Tensor]]):
+    """The cached scores as a read-only mapping that reads a rollout's rows from disk when asked.
+
+    Building it reads only each shard's index (rollout ids and lengths); ``scores[i]``
+    reads rollout ``i``'s slices of its shard (safetensors, memory-mapped). Under torchrun
+    each process's collator asks only for the rollouts its sampler gives it, so a process
+    holds its batches' scores rather than every rollout's, and the file pages are shared
+    through the page cache. Values equal :func:`load_scores`'s.
+    """
+
+    def __init__(self, out_dir: Path):
+        self._where: dict[int, tuple[Path, int, int]] = {}  # rollout index -> (shard, first row, end row)
+        for path in sorted(Path(out_dir).glob("shard-*.safetensors")):
+            with safe_open(str(path), framework="pt") as shard:
+                offsets = [0, *shard.get_tensor("lengths").cumsum(0).tolist()]
+                for row, index in enumerate(shard.get_tensor("rollout_index").tolist()):
+                    self._where[index] = (path, offsets[row], offsets[row + 1])
+        self._open: dict[Path, Any] = {}  # shard -> open safe_open handle, made on first use
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path, a, b = self._where[index]
+        shard = self._open.get(path)
+        if shard is None:
+            shard = self._open[path] = safe_open(str(path), framework="pt")
+        return {k: shard.get_slice(k)[a:b] for k in SCORE_KEYS if k in shard.keys()}
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Data-loader workers get a copy: file handles do not pickle, so each reopens its own.
+        return {"_where": self._where, "_open": {}}

@@ -50,14 +50,17 @@ class VllmSampler:
     """A vLLM engine on ``model_path`` that stands in for the model in ``run_rollouts``."""
 
     def __init__(self, model_path: str, *, dtype: str, seed: int, gpu_memory_utilization: float,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_model_len: int = 0):
+        """``max_model_len`` 0 leaves vLLM the model's own context length."""
         require_vllm()
         from transformers import GenerationConfig
         from vllm import LLM
 
         self.generation_config = GenerationConfig.from_pretrained(model_path)  # for the EOS ids
+        length = {"max_model_len": max_model_len} if max_model_len else {}
         self.engine = LLM(model=model_path, dtype="auto" if dtype == "auto" else dtype, seed=seed,
                           gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                          tensor_parallel_size=tensor_parallel_size, **length,
                           enable_prefix_caching=True)  # the samples of a prompt share its prefill
 
     def generate(self, prompts: list[list[int]], cfg: RolloutConfig, eos_ids: set[int], *, seed: int,
