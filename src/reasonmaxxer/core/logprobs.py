@@ -7,7 +7,8 @@ The naive equivalent of :func:`policy_logprobs` is::
 which keeps a second (B, C, V) tensor alive for the backward. Here the forward runs the
 logsumexp over chunks of positions in fp32, and the backward writes the whole gradient
 into one (B, C, V) tensor, as a fused cross-entropy does (TRL's
-``selective_log_softmax`` is the same idea without the fused KL).
+``selective_log_softmax`` is the same idea without the fused KL). The training step goes
+one further and never holds the logits at all: :mod:`reasonmaxxer.core.fused_head`.
 
 Shapes: B batch, C completion positions, V vocabulary, K extra token ids per position
 (the cached base top-k), N = B * C flattened rows.
