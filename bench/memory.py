@@ -1,15 +1,21 @@
 """Peak memory of scoring and of the fork-gated loss against a plain LoRA step, at a
-Qwen-sized vocabulary (152k) and a 4096-token sequence, on a tiny model.
+Qwen-sized vocabulary (152k) and an 8192-token sequence, on a tiny model.
 
-    python bench/memory.py                 # vocab 152064, 1 x 4096 tokens
+    python bench/memory.py                 # vocab 152064, 1 x 8192 tokens (the plain step peaks near 20 GB)
+    python bench/memory.py --length 4096   # half of that
     python bench/memory.py --vocab 32000 --length 1024   # quicker
 
 Each phase runs in its own process: build the model and the batch, reset the peak-RSS
 counter (Linux: /proc/self/clear_refs), run the phase, read the peak (VmHWM) and report
 it above the resident memory before the phase. Phases: `plain` (LoRA forward + masked
-cross-entropy + backward), `cached` / `exact` (the same with the fork-gated loss and its
-two KL anchors), `scoring` (the chunked teacher-forced base pass). The last line is
-`memory_ratio=<max(cached, scoring) / plain>`.
+cross-entropy + backward, through the model's own head: full logits), `cached` / `exact`
+(the fork-gated loss with its two KL anchors, through the same function as
+``ForkGatedTrainer.compute_loss``), `scoring` (the chunked teacher-forced base pass).
+
+Each phase's peak is also given as a multiple of one fp32 B x T x V tensor (the logits
+the gated step no longer holds). The exact anchor's multiple has its own line,
+`exact_logits_multiple=<y>`; the last line is
+`memory_ratio=<cached / plain> logits_multiple=<cached peak / fp32 B x T x V bytes>`.
 """
 
 from __future__ import annotations
@@ -38,10 +44,8 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from reasonmaxxer.core.gate import fork_mask
-    from reasonmaxxer.core.kl import topk_kl
-    from reasonmaxxer.core.logprobs import policy_logprobs, policy_logprobs_and_kl
     from reasonmaxxer.core.loss import fork_gated_loss
-    from reasonmaxxer.models.forward import completion_logits
+    from reasonmaxxer.models.forward import completion_logits, policy_token_stats
     from reasonmaxxer.stages.scoring import score_batch
     from reasonmaxxer.testing import build_tiny_model_dir
     from reasonmaxxer.utils.sequences import pack_batch
@@ -63,29 +67,18 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
     before = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
 
-    def policy_logits():
-        return completion_logits(model, batch)
-
     if phase == "plain":
-        logits = policy_logits()
+        logits = completion_logits(model, batch)
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["completion_ids"].flatten(),
                                                 reduction="none")
         loss = (nll * batch["completion_mask"].flatten()).sum() / batch["completion_mask"].sum()
         loss.backward()
-    elif phase in ("cached", "exact"):
-        logits = policy_logits()
-        cached = phase == "cached"
-        if cached:  # as ForkGatedTrainer.compute_loss does
-            policy_logp, policy_topk, _ = policy_logprobs(logits, batch["completion_ids"], stats["topk_ids"])
-            kl = topk_kl(stats["topk_logp"], policy_topk)
-        else:
-            with torch.no_grad(), model.disable_adapter():
-                base_logits = policy_logits()
-            policy_logp, _, _, kl = policy_logprobs_and_kl(logits, batch["completion_ids"], base_logits)
-            del base_logits
+    elif phase in ("cached", "exact"):  # as ForkGatedTrainer.compute_loss does
+        policy = policy_token_stats(model, model, {**batch, "topk_ids": stats["topk_ids"],
+                                                   "topk_logp": stats["topk_logp"]}, kl_anchor=phase)
         forks = fork_mask(stats["entropy"], batch["completion_mask"], mode="quantile", quantile=0.2)
-        loss, _ = fork_gated_loss(policy_logp, stats["logp"], torch.tensor([1.0]), forks, batch["completion_mask"],
-                                  kl, kl_coef=0.2)
+        loss, _ = fork_gated_loss(policy.logp, stats["logp"], torch.tensor([1.0]), forks, batch["completion_mask"],
+                                  policy.kl, kl_coef=0.2)
         loss.backward()
     elif phase == "scoring":
         with torch.no_grad():
@@ -99,7 +92,7 @@ def run_phase(phase: str, vocab: int, length: int, top_k: int) -> dict[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=152064)
-    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     ap.add_argument("--phases", default="plain,cached,scoring,exact")
@@ -119,11 +112,13 @@ def main() -> None:
     print(f"vocab={args.vocab} length={args.length} (one fp32 B x T x V tensor = {bxtxv:.0f} MB)")
     for phase, mb in results.items():
         print(f"{phase:>8}: peak {mb:8.0f} MB above start ({mb / bxtxv:.2f} x B*T*V)")
-    plain = results["plain"]
-    worst = max(results.get("cached", 0.0), results.get("scoring", 0.0))
+    plain = results.get("plain")  # --phases may leave it out (at 8192 tokens it needs ~20 GB)
     if "exact" in results:
-        print(f"exact_ratio={results['exact'] / plain:.3f}")
-    print(f"memory_ratio={worst / plain:.3f}")
+        ratio = f"exact_ratio={results['exact'] / plain:.3f} " if plain else ""
+        print(f"{ratio}exact_logits_multiple={results['exact'] / bxtxv:.3f}")
+    if "cached" in results:
+        ratio = f"memory_ratio={results['cached'] / plain:.3f} " if plain else ""
+        print(f"{ratio}logits_multiple={results['cached'] / bxtxv:.3f}")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,30 @@ def test_compute_loss_matches_brute_force(tiny_model_dir, tmp_path, anchor):
     assert m["kl_term"][-1] > 0
 
 
+@pytest.mark.parametrize("anchor, entropy_source", [("cached", "policy"), ("exact", "base")])
+def test_compute_loss_never_asks_for_full_logits(tiny_model_dir, tmp_path, monkeypatch, anchor, entropy_source):
+    """The LM head runs fused with the loss statistics: neither the model's logits nor a (B, C, V) head output."""
+    from reasonmaxxer.models import forward
+
+    trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--loss.kl_anchor", anchor,
+                                                             "--gate.entropy_source", entropy_source])
+    _perturb_lora(trainer.model)
+    trainer.model.train()
+    expected = trainer.compute_loss(trainer.model, dict(batch))  # through the fused head
+    monkeypatch.setattr(forward, "linear_head", lambda model: None)  # the full-logits path, for comparison
+    assert trainer.compute_loss(trainer.model, dict(batch)).item() == pytest.approx(expected.item(), rel=1e-5)
+    monkeypatch.undo()
+    head = trainer.model.get_output_embeddings()
+    C = batch["completion_ids"].shape[1]
+    widest = []
+    head.register_forward_hook(lambda module, args, out: widest.append(out.shape[1]))
+    monkeypatch.setattr(forward, "completion_logits", lambda *a, **k: pytest.fail("full logits were computed"))
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert max(widest) == 0 < C  # the model's own head ran on no position
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+
+
 def test_fresh_adapter_has_zero_kl_and_zero_dlogp(tiny_model_dir, tmp_path):
     trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.mode", "quantile", "--gate.quantile", "0.3"])
     trainer.model.train()

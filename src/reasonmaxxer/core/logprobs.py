@@ -7,7 +7,8 @@ The naive equivalent of :func:`policy_logprobs` is::
 which keeps a second (B, C, V) tensor alive for the backward. Here the forward runs the
 logsumexp over chunks of positions in fp32, and the backward writes the whole gradient
 into one (B, C, V) tensor, as a fused cross-entropy does (TRL's
-``selective_log_softmax`` is the same idea without the fused KL).
+``selective_log_softmax`` is the same idea without the fused KL). The training step goes
+one further and never holds the logits at all: :mod:`reasonmaxxer.core.fused_head`.
 
 Shapes: B batch, C completion positions, V vocabulary, K extra token ids per position
 (the cached base top-k), N = B * C flattened rows.
@@ -150,12 +151,14 @@ class _TokenLogprobs(torch.autograd.Function):
         for s in range(0, N, rows_per_chunk):
             rows = slice(s, s + rows_per_chunk)
             if g.dtype == torch.float32:  # write softmax * coef straight into the gradient
-                out = torch.sub(z[rows], lse[rows], out=g[rows])
-                out.exp_().mul_(coef[rows])
-            else:
-                g[rows] = torch.exp(z[rows].float() - lse[rows]).mul_(coef[rows])
+                chunk = torch.sub(z[rows], lse[rows], out=g[rows])
+                chunk.exp_().mul_(coef[rows])
+            else:  # in fp32, cast once: softmax * coef and p_base * g_kl nearly cancel where the KL is small
+                chunk = torch.exp(z[rows].float() - lse[rows]).mul_(coef[rows])
             if base is not None:
                 p, _ = _base_chunk(base.reshape(N, V)[rows], base_lse[rows])
-                g[rows] -= (p * g_kl[rows]).to(g.dtype)
+                chunk -= p.mul_(g_kl[rows])
+            if g.dtype != torch.float32:
+                g[rows] = chunk
         grad.scatter_add_(-1, ids, g_picked.to(grad.dtype))
         return grad, None, None, None

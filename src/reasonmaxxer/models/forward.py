@@ -3,14 +3,19 @@
 A packed batch (:func:`reasonmaxxer.utils.sequences.pack_batch`) left-pads prompts so
 every completion starts at column P; column P + j - 1 predicts completion token j.
 Shapes: B batch, L = P + C packed length, C completion positions, H hidden size,
-V vocabulary.
+V vocabulary, K cached top-k.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from ..core.entropy import token_entropy
+from ..core.fused_head import DEFAULT_CHUNK_BYTES, fused_head_logprobs
+from ..core.kl import topk_kl
+from ..core.logprobs import policy_logprobs, policy_logprobs_and_kl
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:
@@ -85,3 +90,122 @@ def prompt_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         use_cache=False,
     )
     return out.logits, mask
+
+
+class LinearHead(NamedTuple):
+    """The LM head as plain tensors: logits = softcap * tanh((h @ weight.T + bias) / softcap)."""
+
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None  # (V,)
+    softcap: float | None
+
+
+def linear_head(model: Any) -> LinearHead | None:
+    """The model's LM head as a :class:`LinearHead`, or None when it is not a plain linear layer held whole here.
+
+    None for a head that PEFT wraps (LoRA on ``lm_head``, ``modules_to_save``), a quantised
+    one, or one whose weight FSDP or ZeRO-3 shards across processes: those run through the
+    module itself.
+    """
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return None
+    weight = head.weight
+    if (type(weight) is not torch.nn.Parameter or weight.dim() != 2 or weight.numel() == 0
+            or not weight.dtype.is_floating_point or hasattr(weight, "ds_id")):
+        return None
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return LinearHead(weight, head.bias, float(softcap) if softcap else None)
+
+
+def final_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, C, H) final decoder states at the completion positions, through ``model``'s own forward.
+
+    :func:`completion_hidden` calls the decoder directly; this calls the outermost module
+    (a DDP wrapper, a PEFT model) so its forward hooks run: DDP only all-reduces the
+    gradients of a backward whose forward went through it. The head runs on no position
+    (an empty ``logits_to_keep``); the last of the hidden states is the normed one the head
+    reads.
+    """
+    L = batch["input_ids"].shape[1]
+    C = batch["completion_ids"].shape[1]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device),
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[-1][:, L - C - 1 : L - 1]
+
+
+class PolicyTokenStats(NamedTuple):
+    """Per completion position statistics of the policy the fork-gated loss reads; fp32 (B, C)."""
+
+    logp: torch.Tensor  # log p_policy(sampled token), with gradient
+    kl: torch.Tensor  # KL(base || policy), with gradient (top-k + rest bucket, or exact)
+    entropy: torch.Tensor | None  # policy entropy at the requested temperature, no gradient; or None
+
+
+def policy_token_stats(
+    model: Any,
+    peft_model: Any,
+    batch: dict[str, torch.Tensor],
+    *,
+    kl_anchor: str,
+    entropy_temperature: float | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> PolicyTokenStats:
+    """The policy's log-probs, KL to the base and (optionally) entropy, never holding (B, C, V) logits.
+
+    The decoder runs once for the policy (and once more, adapter disabled and without
+    gradient, for ``kl_anchor: exact``); the LM head and everything after it run through
+    :func:`reasonmaxxer.core.fused_head.fused_head_logprobs`, chunk of positions by chunk.
+    A head that :func:`linear_head` cannot take apart falls back to full logits.
+
+    Args:
+        model: what the forward runs through (the PEFT model, or the DDP module around it).
+        peft_model: the unwrapped PEFT model (for ``disable_adapter`` and the head).
+        batch: a packed batch with ``completion_ids`` (B, C); for ``cached`` also the base's
+            ``topk_ids`` (B, C, K) and ``topk_logp`` (B, C, K).
+        kl_anchor: ``cached`` (KL on the base's top-k plus a rest bucket) or ``exact``
+            (full-vocabulary KL against the adapter-disabled pass).
+        entropy_temperature: if set, also the policy's entropy at that temperature.
+    """
+    if kl_anchor not in ("cached", "exact"):
+        raise ValueError(f"kl_anchor must be 'cached' or 'exact', got {kl_anchor!r}")
+    head = linear_head(peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model)
+    if head is None:
+        return _policy_token_stats_from_logits(model, peft_model, batch, kl_anchor, entropy_temperature)
+    hidden = final_hidden(model, batch)
+    base_hidden = None
+    if kl_anchor == "exact":
+        with torch.no_grad(), peft_model.disable_adapter():
+            base_hidden = final_hidden(model, batch)
+    stats = fused_head_logprobs(
+        hidden, head.weight, batch["completion_ids"], bias=head.bias, softcap=head.softcap,
+        extra_ids=batch["topk_ids"] if kl_anchor == "cached" else None, base_hidden=base_hidden,
+        entropy_temperature=entropy_temperature, chunk_bytes=chunk_bytes,
+    )
+    kl = topk_kl(batch["topk_logp"], stats.extra_logp) if kl_anchor == "cached" else stats.kl
+    return PolicyTokenStats(stats.logp, kl, stats.entropy)
+
+
+def _policy_token_stats_from_logits(model: Any, peft_model: Any, batch: dict[str, torch.Tensor],
+                                    kl_anchor: str, entropy_temperature: float | None) -> PolicyTokenStats:
+    """:func:`policy_token_stats` through the model's own head: (B, C, V) policy (and base) logits."""
+    logits = completion_logits(model, batch)
+    if kl_anchor == "cached":
+        logp, topk_logp, _ = policy_logprobs(logits, batch["completion_ids"], batch["topk_ids"])
+        kl = topk_kl(batch["topk_logp"], topk_logp)
+    else:
+        with torch.no_grad(), peft_model.disable_adapter():
+            base_logits = completion_logits(model, batch)
+        logp, _, _, kl = policy_logprobs_and_kl(logits, batch["completion_ids"], base_logits)
+        del base_logits
+    entropy = None
+    if entropy_temperature is not None:
+        with torch.no_grad():
+            entropy = token_entropy(logits.detach(), temperature=entropy_temperature)
+    return PolicyTokenStats(logp, kl, entropy)

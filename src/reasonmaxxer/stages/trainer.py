@@ -21,15 +21,13 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from ..config import Config, GateConfig, LossConfig
-from ..core.entropy import token_entropy
 from ..core.gate import gate_mask
-from ..core.kl import prompt_kl, topk_kl
-from ..core.logprobs import policy_logprobs, policy_logprobs_and_kl
+from ..core.kl import prompt_kl
 from ..core.loss import fork_gated_loss, stats_to_floats
 from ..core.ops import masked_mean
 from ..data.problem import Problem
 from ..errors import ConfigError, TrainingDivergedError
-from ..models.forward import completion_logits, prompt_logits
+from ..models.forward import policy_token_stats, prompt_logits
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json
 from .heldout_eval import HeldoutEval
@@ -159,10 +157,6 @@ class ForkGatedTrainer(SFTTrainer):
         # nan_to_num: a weight that is itself NaN still gives 0 (FiniteAdapterCheck reports it).
         return sum((p * 0.0).nan_to_num(0.0).sum() for p in model.parameters() if p.requires_grad)
 
-    def _completion_logits(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, C, V) logits at the completion positions; with the adapter disabled, the base's."""
-        return completion_logits(model, inputs)
-
     def _prompt_kl(self, model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """For ``loss.kl_on_prompt``: KL(base || policy) at the prompt positions, and their mask.
 
@@ -181,21 +175,13 @@ class ForkGatedTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
-        logits = self._completion_logits(model, inputs)  # (B, C, V)
-        if self.loss_cfg.kl_anchor == "cached":  # base top-k from scoring: no base forward
-            policy_logp, policy_topk_logp, _ = policy_logprobs(logits, inputs["completion_ids"], inputs["topk_ids"])
-            kl = topk_kl(inputs["topk_logp"], policy_topk_logp)
-        else:  # the same weights with the adapter off, and the KL fused into the log-prob pass
-            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                base_logits = self._completion_logits(model, inputs)
-            policy_logp, _, _, kl = policy_logprobs_and_kl(logits, inputs["completion_ids"], base_logits)
-            del base_logits
-
-        if self.gate.entropy_source == "base":
-            entropy = inputs["base_entropy"]
-        else:
-            with torch.no_grad():
-                entropy = token_entropy(logits.detach(), temperature=self.entropy_temperature)
+        policy_entropy = self.gate.entropy_source == "policy"
+        # The LM head runs fused with the log-probs and the KL, chunk by chunk: no (B, C, V) logits.
+        policy = policy_token_stats(model, self.accelerator.unwrap_model(model), inputs,
+                                    kl_anchor=self.loss_cfg.kl_anchor,
+                                    entropy_temperature=self.entropy_temperature if policy_entropy else None)
+        policy_logp, kl = policy.logp, policy.kl
+        entropy = policy.entropy if policy_entropy else inputs["base_entropy"]
         forks = gate_mask(self.gate, entropy, completion_mask,
                           gather=lambda t: gather_across_processes(self.accelerator, t),
                           generator=self._gate_generator() if self.gate.mode == "random" else None,
@@ -220,7 +206,7 @@ class ForkGatedTrainer(SFTTrainer):
         stats.pop("loss")
         for key, value in stats.items():  # device tensors: read once per logged step, in log()
             self._metrics[mode][key].append(value)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {"policy_logp": policy_logp}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """SFTTrainer.log, after turning the step's metric tensors into floats with one device sync."""
