@@ -204,7 +204,9 @@ def fast_generate(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.cache
+    # transformers >= 5.24 calls the KV cache `cache` (output and argument); earlier 5.x, `past_key_values`.
+    cache_key = "cache" if hasattr(out, "cache") else "past_key_values"
+    cache = getattr(out, cache_key)
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -248,7 +250,7 @@ def fast_generate(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=-1)
         out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_pos.unsqueeze(-1),
-                    cache=cache, use_cache=True)
+                    use_cache=True, **{cache_key: cache})
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     completions = [cut_at_eos(row, eos_ids) for row in generated.tolist()]  # the call's one read of the tokens
