@@ -212,3 +212,16 @@ def test_chunk_rows_for():
     assert chunk_rows_for(10**9, 1 << 20) == 1
     with pytest.raises(ValueError, match="chunk_bytes"):
         chunk_rows_for(100, 0)
+
+
+def test_fp32_states_with_a_bf16_head_run_without_autocast():
+    """LoRA can hand fp32 states to a bf16 head with no autocast on (seen on CUDA in bench/gpu.py's e2e)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, 16, dtype=torch.float32, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.bfloat16)
+    targets = torch.randint(0, 40, (2, 3))
+    stats = fused_head_logprobs(hidden, weight, targets)
+    stats.logp.sum().backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32 and torch.isfinite(hidden.grad).all()
+    reference = torch.log_softmax((hidden.detach().to(torch.bfloat16) @ weight.T).float(), -1)
+    assert torch.allclose(stats.logp, reference.gather(-1, targets.unsqueeze(-1)).squeeze(-1), atol=1e-5)

@@ -109,7 +109,8 @@ def fused_head_logprobs(
 def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  softcap: float | None) -> torch.Tensor:
     """(n, H) states -> (n, V) fp32 logits: the matmul in the model's dtype (as its own head runs), the rest fp32."""
-    z = torch.nn.functional.linear(h, weight, bias).float()
+    # States may arrive in fp32 next to a bf16 head (LoRA outputs, no autocast): the head's dtype wins.
+    z = torch.nn.functional.linear(h.to(weight.dtype), weight, bias).float()
     if softcap is not None:
         z = z.div_(softcap).tanh_().mul_(softcap)
     return z
@@ -198,7 +199,7 @@ class _FusedHead(torch.autograd.Function):
             del z
             if grad_hidden is not None:
                 with ctx.autocast.restore():
-                    grad_hidden[rows] = g.to(hidden.dtype) @ weight
+                    grad_hidden[rows] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), hidden[rows].float())
             if grad_bias is not None:
