@@ -41,10 +41,11 @@ def quantile_threshold(
     lands exactly on the m-th smallest value and that token (and every token tied with
     it) is a fork. This is TRL's ``GRPOTrainer.get_high_entropy_mask``
     (``top_entropy_quantile = quantile``) up to one rounding: TRL calls
-    ``torch.quantile(entropies.float(), 1 - quantile)``, which forms the rank in float32,
-    and a rank rounded just above m puts the cut a little above the m-th value, so TRL
-    leaves out one token (and its ties) that this gate keeps (e.g. quantile 0.28 over 76
-    distinct entropies: 22 forks here, 21 in TRL; see tests/test_entropy.py).
+    ``torch.quantile(entropies.float(), 1 - quantile)``, which in torch 2.13 forms the
+    rank in float32, and a rank rounded just above m puts the cut a little above the m-th
+    value, so TRL leaves out one token (and its ties) that this gate keeps (e.g. quantile
+    0.28 over 76 distinct entropies: 22 forks here, 21 with torch 2.13's quantile, 22 with
+    torch 2.14's; see tests/test_entropy.py).
 
     Args:
         entropy: (B, C) per-position entropy.
