@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
+
+import torch
 
 
 def give_mixed_rewards(rollouts_path: str | Path) -> None:
@@ -60,3 +64,24 @@ def wandb_summary_and_history(run_file: str | Path) -> tuple[dict, list[dict]]:
         elif kind == "history":
             history.append({key(i): json.loads(i.value_json) for i in record.history.item})
     return summary, history
+
+
+def count_device_reads(monkeypatch) -> list[tuple[str, str]]:
+    """Record every read of a tensor's value into Python made from ReasonMaxxer's own code.
+
+    Each read (item, tolist, bool, float, int, index, nonzero) is a host sync on a GPU.
+    Returns the list the reads are appended to, as (method, file name); the patches last
+    until ``monkeypatch.undo()``.
+    """
+    reads: list[tuple[str, str]] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}reasonmaxxer{os.sep}" in caller:
+                reads.append((_name, Path(caller).name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import count_device_reads
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasonmaxxer.config.loading import load_config
@@ -445,22 +445,6 @@ def test_fast_generate_samples_are_seeded_and_shaped(tiny_model_dir):
             assert (finish == "eos") == (toks[-1] == tokenizer.eos_token_id)
 
 
-def _count_device_reads(monkeypatch) -> list[tuple[str, str]]:
-    """Record every read of a tensor's value into Python made from ReasonMaxxer's own code."""
-    reads: list[tuple[str, str]] = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if f"{os.sep}reasonmaxxer{os.sep}" in caller:
-                reads.append((_name, Path(caller).name))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return reads
-
-
 @pytest.mark.parametrize("do_sample, top_p", [(True, 0.9), (True, 1.0), (False, 1.0)])
 def test_fast_generate_reads_the_device_at_most_once_per_step(model, tokenizer, monkeypatch, do_sample, top_p):
     """One small read per decode step (finished and nucleus-fallback flags) plus one of the tokens at the end.
@@ -473,7 +457,7 @@ def test_fast_generate_reads_the_device_at_most_once_per_step(model, tokenizer, 
     cfg = RolloutConfig(num_samples=4 if do_sample else 1, max_new_tokens=8, temperature=1.0, top_p=top_p)
     forwards = []
     hook = model.register_forward_hook(lambda *_: forwards.append(1))
-    reads = _count_device_reads(monkeypatch)
+    reads = count_device_reads(monkeypatch)
     try:
         out = fast_generate(model, prompts, cfg, {tokenizer.eos_token_id}, tokenizer.pad_token_id, seed=3,
                             do_sample=do_sample)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import count_device_reads
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from reasonmaxxer.config.loading import load_config
@@ -325,17 +323,7 @@ def test_compute_loss_syncs_with_the_device_once(tiny_model_dir, tmp_path, monke
     trainer, batch, _ = _trainer(tiny_model_dir, tmp_path, ["--gate.tau", "1.0"])
     _perturb_lora(trainer.model)
     trainer.model.train()
-    reads = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if f"{os.sep}reasonmaxxer{os.sep}" in caller:
-                reads.append((_name, Path(caller).name))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_device_reads(monkeypatch)
     trainer.compute_loss(trainer.model, dict(batch))
     monkeypatch.undo()
     assert reads == [("__bool__", "trainer.py")], reads
