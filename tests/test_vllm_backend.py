@@ -52,11 +52,13 @@ class _FakeLLM:
     """Stands in for ``vllm.LLM``: records its constructor's arguments, answers every prompt with a fixed EOS'd sample."""
 
     made: list[dict] = []
+    calls: list[dict] = []  # per generate call: prompts, samples asked for, the LoRA request
 
     def __init__(self, **kwargs):
         _FakeLLM.made.append(kwargs)
 
-    def generate(self, requests, params, use_tqdm=False):
+    def generate(self, requests, params, use_tqdm=False, lora_request=None):
+        _FakeLLM.calls.append({"prompts": len(requests), "n": params.n, "lora": lora_request})
         return [SimpleNamespace(outputs=[_out(j, [5, 6], "stop", None) for j in range(params.n)]) for _ in requests]
 
 
@@ -69,8 +71,14 @@ def _fake_vllm(monkeypatch):
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", loader=None)
     module.LLM = _FakeLLM
     module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, int_id, path: SimpleNamespace(lora_name=name, lora_int_id=int_id, lora_path=path)
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
     _FakeLLM.made.clear()
+    _FakeLLM.calls.clear()
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -126,3 +134,48 @@ def test_vllm_sizes_enter_the_rollouts_fingerprint_only_when_set(tmp_path):
     assert rollouts_fp() == by_hand
     changed = {rollouts_fp("--rollout.vllm_tensor_parallel_size", "2"), rollouts_fp("--rollout.vllm_max_model_len", "512")}
     assert by_hand not in changed and len(changed) == 2
+
+
+def test_eval_samples_base_and_adapter_through_one_vllm_engine(trained_run, tiny_model_dir, tmp_path, monkeypatch):
+    """rollout.backend vllm: eval builds one LoRA-enabled engine; the base is sampled without a LoRA
+    request, the adapter with one on the run's adapter folder; the samples land where eval reads them."""
+    import json
+
+    from reasonmaxxer.cli import eval_main
+    from reasonmaxxer.testing import tiny_run_args
+
+    _fake_vllm(monkeypatch)
+    args = tiny_run_args(tiny_model_dir, trained_run)
+    args[args.index("--output_dir")] = "--run_dir"
+    out = tmp_path / "eval"
+    code = eval_main([*args, "--eval.num_samples", "2", "--eval.movement_rollouts", "4", "--eval.bootstrap", "200",
+                      "--eval.greedy", "false", "--rollout.backend", "vllm", "--output_dir", str(out)])
+    assert code == 0
+    assert len(_FakeLLM.made) == 1
+    made = _FakeLLM.made[0]
+    assert made["enable_lora"] is True and made["max_lora_rank"] >= 16  # the tiny run's lora.r (16)
+    adapter = str((trained_run / "adapter").resolve())
+    base_calls = [c for c in _FakeLLM.calls if c["lora"] is None]
+    adapter_calls = [c for c in _FakeLLM.calls if c["lora"] is not None]
+    heldout = 4  # tiny_run_args: --data.num_heldout 4
+    assert sum(c["prompts"] for c in base_calls) == heldout and sum(c["prompts"] for c in adapter_calls) == heldout
+    assert {c["lora"].lora_path for c in adapter_calls} == {adapter}
+    assert all(c["n"] == 2 for c in _FakeLLM.calls)
+    for who in ("base", "adapter"):
+        rows = [json.loads(line) for line in (out / "eval_samples" / f"{who}_samples.jsonl").read_text().splitlines()]
+        assert len(rows) == heldout * 2 and all(r["completion_ids"][:2] == [5, 6] for r in rows)  # + the restored EOS
+
+
+@pytest.mark.parametrize("r, expected", [(1, 8), (8, 8), (9, 16), (32, 32), (300, 320)])
+def test_vllm_lora_rank_rounds_up_to_an_allowed_one(r, expected):
+    from reasonmaxxer.stages.vllm_backend import vllm_max_lora_rank
+
+    assert vllm_max_lora_rank(r) == expected
+
+
+def test_vllm_lora_rank_too_large_names_the_key():
+    from reasonmaxxer.errors import ConfigError
+    from reasonmaxxer.stages.vllm_backend import vllm_max_lora_rank
+
+    with pytest.raises(ConfigError, match=r"^lora.r: vLLM serves LoRA ranks up to 512, got 1024"):
+        vllm_max_lora_rank(1024)

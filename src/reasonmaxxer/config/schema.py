@@ -161,7 +161,8 @@ class RolloutConfig:
     batch_size: int = _help("Sequences per generate call.", default=32)
     backend: Literal["fast", "hf", "vllm"] = _help(
         "fast: KV-cache loop that drops finished sequences; hf: one model.generate call per batch; "
-        "vllm: a vLLM engine (the `vllm` extra, CUDA; eval samples with fast).", default="fast"
+        "vllm: a vLLM engine (the `vllm` extra, CUDA; eval.py samples base and adapter with it too, the adapter "
+        "as a LoRARequest).", default="fast"
     )
     vllm_gpu_memory_utilization: float = _help(
         "With backend vllm: the share of GPU memory vLLM may take for weights and KV cache.", default=0.5

@@ -98,12 +98,8 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
     ``reward`` (default: built from ``cfg``) scores them as the training rollouts were.
     """
     k = cfg.eval.num_samples
-    # The adapter is sampled through PEFT in this process, so eval uses the fast backend
-    # where training rollouts came from vLLM.
-    backend = "fast" if cfg.rollout.backend == "vllm" else cfg.rollout.backend
-    sampled_cfg = dataclasses.replace(cfg.rollout, num_samples=k, backend=backend)
-    greedy_cfg = dataclasses.replace(cfg.rollout, num_samples=1, batch_size=max(cfg.rollout.batch_size, 1),
-                                     backend=backend)
+    sampled_cfg = dataclasses.replace(cfg.rollout, num_samples=k)
+    greedy_cfg = dataclasses.replace(cfg.rollout, num_samples=1, batch_size=max(cfg.rollout.batch_size, 1))
     seed = cfg.seed + 7919  # not the training rollouts' seed
     shared = {"base": base_path, "rollout": dataclasses.asdict(cfg.rollout), "eval": dataclasses.asdict(cfg.eval),
               "data": dataclasses.asdict(cfg.data), "reward": dataclasses.asdict(cfg.reward),
@@ -114,27 +110,44 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
     folders = {"base": base_out or out, "adapter": out}
     _reset_if_stale(folders["base"], "base", shared)
     _reset_if_stale(out, "adapter", {**shared, "adapter": _file_digest(adapter_path / "adapter_model.safetensors")})
+    samplers = _vllm_samplers(cfg, base_path, adapter_path) if cfg.rollout.backend == "vllm" else None
     results: dict[str, list[dict[str, Any]]] = {}
     for who in ("base", "adapter"):
         folder = folders[who]
-        if who == "adapter":
+        sampler = samplers[who] if samplers else model
+        merge = samplers is None and who == "adapter"
+        if merge:
             model.merge_adapter()  # merged weights generate as fast as the base
         try:
-            ctx = model.disable_adapter() if who == "base" else contextlib.nullcontext()
+            ctx = model.disable_adapter() if samplers is None and who == "base" else contextlib.nullcontext()
             with ctx:
-                run_rollouts(model, tokenizer, problems, cfg.data, sampled_cfg, folder / f"{who}_samples.jsonl",
+                run_rollouts(sampler, tokenizer, problems, cfg.data, sampled_cfg, folder / f"{who}_samples.jsonl",
                              seed=seed, progress=progress, desc=f"eval {who} samples", reward=reward,
                              prompt_format=prompt_format)
                 if cfg.eval.greedy:
-                    run_rollouts(model, tokenizer, problems, cfg.data, greedy_cfg, folder / f"{who}_greedy.jsonl",
+                    run_rollouts(sampler, tokenizer, problems, cfg.data, greedy_cfg, folder / f"{who}_greedy.jsonl",
                                  seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy",
                                  reward=reward, prompt_format=prompt_format)
         finally:
-            if who == "adapter":
+            if merge:
                 model.unmerge_adapter()
         results[f"{who}_samples"] = read_jsonl_cut_torn_tail(folder / f"{who}_samples.jsonl")
         results[f"{who}_greedy"] = read_jsonl_cut_torn_tail(folder / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
     return results
+
+
+def _vllm_samplers(cfg: Config, base_path: str, adapter_path: Path) -> dict[str, Any]:
+    """One vLLM engine with LoRA enabled: the base as it is, and with the adapter (``rollout.backend: vllm``)."""
+    from ..models.loading import resolve_model_path
+    from ..stages.vllm_backend import VllmSampler
+
+    r = cfg.rollout
+    engine = VllmSampler(resolve_model_path(base_path), dtype=cfg.model.dtype, seed=cfg.seed,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                         tensor_parallel_size=r.vllm_tensor_parallel_size, max_model_len=r.vllm_max_model_len,
+                         max_lora_rank=cfg.lora.r)
+    return {"base": engine, "adapter": engine.with_adapter(str(adapter_path.resolve()))}
 
 
 def accuracy_report(samples: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -259,6 +272,10 @@ def run_eval(cfg: Config, *, adapter_path: Path, base_path: str, out: Path, prog
     out.mkdir(parents=True, exist_ok=True)
     problems = heldout_problems(cfg)
     reward = RolloutReward.from_config(cfg)  # a bad reward.function stops before the model loads
+    if cfg.rollout.backend == "vllm":
+        from ..stages.vllm_backend import require_vllm
+
+        require_vllm()
     model, tokenizer = load_policy(base_path, adapter_path, cfg)
     entropy_temperature = cfg.entropy_temperature
     timings: dict[str, float] = {}

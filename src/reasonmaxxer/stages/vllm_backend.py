@@ -5,6 +5,10 @@ same stop tokens) but not the same tokens for a given seed, so a run's rollouts 
 on the backend; the stage fingerprint includes it. vLLM keeps most of the GPU for its
 KV cache: run the rollouts stage alone (``--stage rollouts``) and the rest after, so
 scoring and training get the memory back.
+
+Eval samples through vLLM too when ``rollout.backend`` is ``vllm``: one engine with LoRA
+enabled answers for the base (no adapter) and for the adapter (a ``LoRARequest`` on the
+adapter folder), so base and adapter are sampled by the same engine with the same seeds.
 """
 
 from __future__ import annotations
@@ -46,25 +50,46 @@ def completions_from_outputs(outputs: list[Any], eos_ids: set[int]) -> list[list
     return result
 
 
+# vLLM accepts only these LoRA ranks as ``max_lora_rank``.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank ``r``."""
+    for allowed in VLLM_LORA_RANKS:
+        if r <= allowed:
+            return allowed
+    raise ConfigError(f"lora.r: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}, got {r}; "
+                      "evaluate with rollout.backend: fast")
+
+
 class VllmSampler:
     """A vLLM engine on ``model_path`` that stands in for the model in ``run_rollouts``."""
 
     def __init__(self, model_path: str, *, dtype: str, seed: int, gpu_memory_utilization: float,
-                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_model_len: int = 0):
-        """``max_model_len`` 0 leaves vLLM the model's own context length."""
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_model_len: int = 0,
+                 max_lora_rank: int = 0):
+        """``max_model_len`` 0 leaves vLLM the model's own context length; ``max_lora_rank`` > 0
+        enables LoRA adapters up to that rank (see :meth:`with_adapter`)."""
         require_vllm()
         from transformers import GenerationConfig
         from vllm import LLM
 
         self.generation_config = GenerationConfig.from_pretrained(model_path)  # for the EOS ids
-        length = {"max_model_len": max_model_len} if max_model_len else {}
+        optional: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
+        if max_lora_rank:
+            optional.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(max_lora_rank), max_loras=1)
         self.engine = LLM(model=model_path, dtype="auto" if dtype == "auto" else dtype, seed=seed,
                           gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                          tensor_parallel_size=tensor_parallel_size, **length,
+                          tensor_parallel_size=tensor_parallel_size, **optional,
                           enable_prefix_caching=True)  # the samples of a prompt share its prefill
 
+    def with_adapter(self, adapter_path: str) -> VllmAdapterSampler:
+        """This engine, answering with the PEFT adapter at ``adapter_path`` applied."""
+        return VllmAdapterSampler(self, adapter_path)
+
     def generate(self, prompts: list[list[int]], cfg: RolloutConfig, eos_ids: set[int], *, seed: int,
-                 do_sample: bool = True) -> list[list[tuple[list[int], str]]]:
+                 do_sample: bool = True, adapter_path: str | None = None) -> list[list[tuple[list[int], str]]]:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -72,5 +97,24 @@ class VllmSampler:
             temperature=cfg.temperature if do_sample else 0.0, top_p=cfg.top_p if do_sample else 1.0,
             top_k=-1 if do_sample else 1, detokenize=False,
         )
-        outputs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        lora = {}
+        if adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = {"lora_request": LoRARequest("adapter", 1, adapter_path)}
+        outputs = self.engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, **lora)
         return completions_from_outputs(outputs, eos_ids)
+
+
+class VllmAdapterSampler:
+    """A :class:`VllmSampler` that samples with one LoRA adapter applied; stands in for the PEFT model."""
+
+    def __init__(self, sampler: VllmSampler, adapter_path: str):
+        self.sampler = sampler
+        self.adapter_path = adapter_path
+        self.generation_config = sampler.generation_config  # the EOS ids: the base's
+
+    def generate(self, prompts: list[list[int]], cfg: RolloutConfig, eos_ids: set[int], *, seed: int,
+                 do_sample: bool = True) -> list[list[tuple[list[int], str]]]:
+        return self.sampler.generate(prompts, cfg, eos_ids, seed=seed, do_sample=do_sample,
+                                     adapter_path=self.adapter_path)
