@@ -20,11 +20,11 @@ def _help_text(main, capsys) -> str:
 
 
 def _schema_fields() -> list[tuple[str, dataclasses.Field]]:
-    """(dotted key, field) for every config key except the training pass-through."""
+    """(dotted key, field) for every config key except the training and grpo pass-throughs."""
     hints = typing.get_type_hints(Config)
     out = []
     for f in dataclasses.fields(Config):
-        if f.name == "training":
+        if f.name in ("training", "grpo"):
             continue
         if dataclasses.is_dataclass(hints[f.name]):
             out += [(f"{f.name}.{sub.name}", sub) for sub in dataclasses.fields(hints[f.name])]
@@ -62,7 +62,7 @@ def test_help_lists_every_config_key_with_its_default_and_help(main, capsys):
         assert " ".join(body) == " ".join(f.metadata["help"].split()), key
     section_order = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and
                      line.endswith(":") and line[:-1] in {f.name for f in dataclasses.fields(Config)}]
-    assert section_order == [f.name for f in dataclasses.fields(Config) if f.name not in ("output_dir", "seed")]
+    assert section_order == [f.name for f in dataclasses.fields(Config) if f.name not in ("output_dir", "seed", "method")]
     for key, value in TRAINING_DEFAULTS.items():
         line = next(line for line in text.splitlines() if line.startswith(f"  --training.{key}  ("))
         assert yaml.safe_load(line.rsplit("default: ", 1)[1][:-1]) == value

@@ -36,9 +36,12 @@ from .utils.storage import (
 logger = logging.getLogger(__name__)
 
 STAGES = ("problems", "rollouts", "scoring", "selection", "training")
+SAMPLING_STAGES = ("problems", "training")
+"""The stages of methods grpo and online: their trainer samples as it trains."""
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "problems": ("problems.jsonl",), "rollouts": ("rollouts.jsonl",), "scoring": ("scores",),
-    "selection": ("selection.jsonl",), "training": ("checkpoints", "adapter", "train_log.json", "merged"),
+    "selection": ("selection.jsonl",),
+    "training": ("checkpoints", "adapter", "train_log.json", "merged", "compute.json"),
 }
 """What each stage writes under the run folder (cleared when its settings change)."""
 
@@ -99,10 +102,26 @@ class Pipeline:
         fp["scoring"] = fingerprint({"up": fp["rollouts"], "scoring": c["scoring"],
                                      "temperature": self.cfg.entropy_temperature})
         fp["selection"] = fingerprint({"up": fp["rollouts"], "selection": c["selection"]})
-        fp["training"] = fingerprint({"up": [fp["selection"], fp["scoring"]], "gate": self.cfg.gate.effective(),
-                                      "loss": c["loss"],
-                                      "lora": c["lora"], "training": c["training"], "seed": c["seed"]})
+        if self.cfg.method == "offline":
+            fp["training"] = fingerprint({"up": [fp["selection"], fp["scoring"]], "gate": self.cfg.gate.effective(),
+                                          "loss": c["loss"],
+                                          "lora": c["lora"], "training": c["training"], "seed": c["seed"]})
+            return fp
+        from .config import grpo_arguments
+
+        # The trainer samples, rewards and (online) gates itself: all of that is in its fingerprint.
+        sampling = {"up": fp["problems"], "method": self.cfg.method, "grpo": grpo_arguments(self.cfg),
+                    "model": c["model"]["name_or_path"], "data": c["data"], "reward": c["reward"],
+                    "lora": c["lora"], "seed": c["seed"]}
+        if self.cfg.method == "online":
+            sampling.update(gate=self.cfg.gate.effective(), loss=c["loss"], temperature=self.cfg.entropy_temperature,
+                            advantage_clip=self.cfg.selection.advantage_clip)
+        fp["training"] = fingerprint(sampling)
         return fp
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The stages of this run's method."""
+        return STAGES if self.cfg.method == "offline" else SAMPLING_STAGES
 
     # ------------------------------------------------------------------ model
     def model_and_tokenizer(self) -> tuple[Any, Any]:
@@ -117,20 +136,24 @@ class Pipeline:
         return self._model, self._tokenizer
 
     # ------------------------------------------------------------------ running
-    def run(self, only: str | None = None, *, stages: Sequence[str] = STAGES,
+    def run(self, only: str | None = None, *, stages: Sequence[str] | None = None,
             tracker: Tracker | None = None) -> list[StageResult]:
         """Run the stages in order (or ``only`` one); a given ``tracker`` is used and left open."""
+        stages = self.stage_names() if stages is None else stages
         if only is not None and only not in STAGES:
             raise ConfigError(f"--stage: unknown stage '{only}'; stages are {', '.join(STAGES)}")
+        if only is not None and only not in self.stage_names():
+            raise ConfigError(f"--stage: method {self.cfg.method} has no {only} stage (its trainer samples as it "
+                              f"trains); its stages are {', '.join(self.stage_names())}")
         if only is None or only in ("rollouts", "scoring", "training"):
             from .models.loading import check_model_source
 
             check_model_source(self.cfg.model.name_or_path)
-        if only in (None, "rollouts") and self.cfg.reward.function is not None:
+        if only in (None, "rollouts", "training") and self.cfg.reward.function is not None:
             from .stages.rollouts import RolloutReward
 
             self._reward = RolloutReward.from_config(self.cfg)  # a bad reward.function stops before any work
-        if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm":
+        if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm" and self.cfg.method == "offline":
             from .stages.vllm_backend import require_vllm
 
             require_vllm()
@@ -180,7 +203,7 @@ class Pipeline:
 
     def _require_upstream(self, stage: str, fps: dict[str, str]) -> None:
         needs = {"rollouts": ["problems"], "scoring": ["rollouts"], "selection": ["rollouts"],
-                 "training": ["selection", "scoring"]}.get(stage, [])
+                 "training": ["selection", "scoring"] if self.cfg.method == "offline" else ["problems"]}.get(stage, [])
         for up in needs:
             st = self.state(up)
             if st is None or st.get("fingerprint") != fps[up] or not st.get("done"):
@@ -293,6 +316,8 @@ class Pipeline:
         return summary
 
     def stage_training(self) -> dict[str, Any]:
+        if self.cfg.method != "offline":
+            return self._train_sampling()
         from .stages.scoring import LazyScores
         from .stages.trainer import build_trainer, train_adapter
 
@@ -307,6 +332,19 @@ class Pipeline:
             entropy_temperature=self.cfg.entropy_temperature, progress=self.progress, heldout=heldout,
         )
         return train_adapter(trainer, self.run_dir, self.cfg)
+
+    def _train_sampling(self) -> dict[str, Any]:
+        """Method grpo/online: the trainer samples the training problems itself."""
+        from .stages.grpo import build_grpo_trainer, train_grpo
+
+        model, tokenizer = self.model_and_tokenizer()
+        heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None
+        trainer = build_grpo_trainer(
+            self.cfg, model, tokenizer, self.problems("train"), self.run_dir,
+            report_to=self.tracker.trainer_report_to if self.tracker else "none", progress=self.progress,
+            heldout=heldout, reward=self._reward,
+        )
+        return train_grpo(trainer, self.run_dir, self.cfg)
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], *, show: int = 3) -> str:

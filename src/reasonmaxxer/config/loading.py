@@ -23,10 +23,17 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import ConfigError
-from .schema import SECTIONS, Config, training_defaults
+from .schema import SECTIONS, Config, TrainingMethod, grpo_arguments, training_defaults
 
 # Set by the pipeline, never by the user.
 _RESERVED_TRAINING_KEYS = {"output_dir", "report_to", "run_name", "seed", "remove_unused_columns", "dataset_kwargs"}
+# Set by ReasonMaxxer for the GRPO trainers: the run's folder, tracking and seed, the dataset's
+# columns (the reward reads answer/kind/problem_id), and the sampler (TRL's generation path).
+_RESERVED_GRPO_KEYS = _RESERVED_TRAINING_KEYS | {"use_vllm"}
+# GRPO-loss settings that method online does not use (its loss is the loss/gate sections').
+_GRPO_LOSS_KEYS = ("beta", "loss_type", "epsilon", "epsilon_high", "delta", "top_entropy_quantile", "scale_rewards",
+                   "importance_sampling_level", "entropy_coef", "use_adaptive_entropy", "off_policy_mask_threshold",
+                   "multi_objective_aggregation", "reward_weights")
 # The Trainer's own evaluation needs an eval_dataset, which the pipeline has no use for:
 # these keys would fail only after rollouts and scoring. The value each may keep (off).
 _TRAINER_EVAL_KEYS: dict[str, Any] = {"eval_strategy": "no", "eval_steps": None, "do_eval": False,
@@ -139,14 +146,9 @@ def _validate_training(values: Any) -> dict[str, Any]:
             values = {**values, key: "no"}  # a bare YAML `no` reads as false
         if key not in fields:
             raise ConfigError(f"training.{key}: unknown key (not an SFTConfig field){_closest(str(key), fields)}")
-        # TrainingArguments does not check types; check those with a scalar default.
-        default = fields[key].default
-        if isinstance(default, bool):
-            _coerce(f"training.{key}", value, bool)
-        elif isinstance(default, int):
-            _coerce(f"training.{key}", value, int)
-        elif isinstance(default, float):
-            values = {**values, key: _coerce(f"training.{key}", value, float)}
+        checked = _check_scalar_type(f"training.{key}", value, fields[key].default)
+        if checked is not value:
+            values = {**values, key: checked}
     merged = {**training_defaults(), **values}
     try:
         with warnings.catch_warnings():
@@ -156,6 +158,76 @@ def _validate_training(values: Any) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"training: {first}") from None
     return merged
+
+
+def _check_scalar_type(key: str, value: Any, default: Any) -> Any:
+    """TrainingArguments does not check types: check those fields with a scalar default (ints widened to float)."""
+    if isinstance(default, bool):
+        _coerce(key, value, bool)
+    elif isinstance(default, int):
+        _coerce(key, value, int)
+    elif isinstance(default, float):
+        return _coerce(key, value, float)
+    return value
+
+
+def _validate_grpo_keys(values: Any) -> dict[str, Any]:
+    """Check the ``grpo`` section's keys and scalar types against TRL's GRPOConfig fields."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"grpo: expected a mapping of keys, got {values!r}")
+    from trl import GRPOConfig  # deferred: importing TRL takes seconds
+
+    fields = {f.name: f for f in dataclasses.fields(GRPOConfig)}
+    out = dict(values)
+    for key, value in values.items():
+        if key in _RESERVED_GRPO_KEYS:
+            hint = ("vLLM is not used here: GRPO samples with transformers" if key == "use_vllm"
+                    else "use output_dir/seed/tracking instead")
+            raise ConfigError(f"grpo.{key}: set by ReasonMaxxer; {hint}")
+        if key in _TRAINER_EVAL_KEYS and not _is_off(key, value):
+            raise ConfigError(f"grpo.{key}: {value!r} asks for the Trainer's evaluation, which has no eval dataset "
+                              "here; use eval.every_steps: N instead")
+        if key not in fields:
+            raise ConfigError(f"grpo.{key}: unknown key (not a GRPOConfig field){_closest(str(key), fields)}")
+        out[key] = "no" if key == "eval_strategy" else _check_scalar_type(f"grpo.{key}", value, fields[key].default)
+    return out
+
+
+def _validate_grpo_config(cfg: Config) -> None:
+    """Method grpo/online: the resolved GRPOConfig must build, and its batches must hold whole groups."""
+    if cfg.method == "offline":
+        if cfg.grpo:
+            raise ConfigError(f"grpo.{next(iter(cfg.grpo))}: the grpo section applies to method grpo or online; "
+                              "method is 'offline'")
+        return
+    if cfg.method == "online":
+        unused = [k for k in _GRPO_LOSS_KEYS if k in cfg.grpo]
+        if unused:
+            raise ConfigError(f"grpo.{unused[0]}: GRPO's loss setting has no effect with method online (its loss is "
+                              "the loss and gate sections'); remove it, or use method grpo")
+    from trl import GRPOConfig
+
+    args = grpo_arguments(cfg)
+    per_device = int(args.get("per_device_train_batch_size", 8))
+    steps = args.get("steps_per_generation") or args.get("gradient_accumulation_steps", 1)
+    generation_batch = args.get("generation_batch_size") or per_device * steps
+    groups = int(args["num_generations"])
+    if generation_batch % groups:
+        raise ConfigError(
+            f"grpo.num_generations: each generation batch ({generation_batch} completions per process: "
+            f"per_device_train_batch_size {per_device} x steps_per_generation {steps}, or "
+            f"grpo.generation_batch_size) must hold whole groups of num_generations ({groups}, default "
+            "rollout.num_samples); make the batch a multiple of it"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            GRPOConfig(output_dir="/nonexistent-validation-only", report_to="none", **args)
+    except (ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"grpo: {first}") from None
 
 
 def config_from_dict(raw: Any, *, check_training: bool = True) -> Config:
@@ -170,8 +242,10 @@ def config_from_dict(raw: Any, *, check_training: bool = True) -> Config:
             raise ConfigError(f"{key}: unknown section or key{_closest(str(key), SECTIONS)}")
         if key == "training":
             kwargs[key] = _validate_training(value) if check_training else {**training_defaults(), **(value or {})}
-        elif key in ("output_dir", "seed"):
-            kwargs[key] = _coerce(key, value, {"output_dir": str, "seed": int}[key])
+        elif key == "grpo":
+            kwargs[key] = _validate_grpo_keys(value) if check_training else dict(value or {})
+        elif key in ("output_dir", "seed", "method"):
+            kwargs[key] = _coerce(key, value, {"output_dir": str, "seed": int, "method": TrainingMethod}[key])
         else:
             cls = typing.get_type_hints(Config)[key]
             kwargs[key] = _build_section(key, cls, value)
@@ -179,6 +253,8 @@ def config_from_dict(raw: Any, *, check_training: bool = True) -> Config:
     if check_training and "training" not in raw:
         cfg.training = _validate_training({})
     cfg.validate()
+    if check_training:
+        _validate_grpo_config(cfg)
     return cfg
 
 

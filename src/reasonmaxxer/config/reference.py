@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from .loading import _RESERVED_TRAINING_KEYS, _type_name
+from .loading import _RESERVED_GRPO_KEYS, _RESERVED_TRAINING_KEYS, _type_name
 from .schema import TRAINING_DEFAULTS, Config
 
 _HELP_INDENT = " " * 6
@@ -74,6 +74,18 @@ def _training_entries() -> list[str]:
     return lines
 
 
+def _grpo_entries() -> list[str]:
+    reserved = ", ".join(sorted(_RESERVED_GRPO_KEYS))
+    intro = (
+        "With method grpo or online: any field of TRL's GRPOConfig, passed through, e.g. "
+        "--grpo.top_entropy_quantile 0.2 (TRL's 80/20 arm) or --grpo.beta 0.04. Defaults: the training section's "
+        "values, then num_generations = rollout.num_samples, temperature and top_p = rollout's, "
+        "max_completion_length = rollout.max_new_tokens; everything else is TRL's. Set by ReasonMaxxer and "
+        f"refused here: {reserved}."
+    )
+    return ["grpo:", *textwrap.wrap(intro, width=_WIDTH, initial_indent="  ", subsequent_indent="  ")]
+
+
 def config_reference() -> str:
     """Every config key by section, with its type, default and help text (``--help``'s epilog)."""
     hints = typing.get_type_hints(Config)
@@ -81,6 +93,8 @@ def config_reference() -> str:
     for f in dataclasses.fields(Config):
         if f.name == "training":
             sections.append(_training_entries())
+        elif f.name == "grpo":
+            sections.append(_grpo_entries())
         elif dataclasses.is_dataclass(hints[f.name]):
             sections.append(_section_entries(f.name, hints[f.name]))
         else:

@@ -405,6 +405,34 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
+TrainingMethod = Literal["offline", "grpo", "online"]
+"""``offline``: rollouts, scoring and selection from the frozen base, then the fork-gated loss
+(the recipe); ``grpo``: TRL's GRPOTrainer with LoRA, sampling as it trains; ``online``: the
+same sampling with the fork gate and loss in place of GRPO's."""
+
+# training: keys that do not carry over into the GRPOConfig of method grpo/online (the
+# GRPO trainer draws its batches itself, so SFT's length-grouped sampler does not apply).
+_SFT_ONLY_TRAINING_KEYS = frozenset({"train_sampling_strategy"})
+
+
+def grpo_arguments(cfg: "Config") -> dict[str, Any]:
+    """The keyword arguments of ``trl.GRPOConfig`` for method grpo/online (output_dir etc. aside).
+
+    In order, later ones winning: the ``training`` section (learning rate, steps, batch
+    size, saving, precision: the same run settings the offline trainer uses), then the
+    sampling settings of ``rollout`` (num_generations = num_samples, temperature, top_p,
+    max_completion_length = max_new_tokens), then the ``grpo`` section as written. With
+    method online, ``beta`` is 0: the KL anchor is the loss's own (``loss.kl_coef``).
+    """
+    args = {k: v for k, v in cfg.training.items() if k not in _SFT_ONLY_TRAINING_KEYS}
+    args.update(num_generations=cfg.rollout.num_samples, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, max_completion_length=cfg.rollout.max_new_tokens)
+    args.update(cfg.grpo)
+    if cfg.method == "online":
+        args["beta"] = 0.0
+    return args
+
+
 def training_defaults() -> dict[str, Any]:
     """TRAINING_DEFAULTS plus the precision that this machine supports (bf16 needs a GPU)."""
     import torch
@@ -418,6 +446,11 @@ def training_defaults() -> dict[str, Any]:
 class Config:
     output_dir: str = _help("Folder of the run: every stage writes here.", default="runs/demo")
     seed: int = _help("Seed for problems, rollouts and training.", default=0)
+    method: TrainingMethod = _help(
+        "offline: rollouts, scoring and selection from the frozen base, then the fork-gated loss; grpo: TRL's "
+        "GRPOTrainer with LoRA (settings in the grpo section), sampling as it trains; online: the same sampling, "
+        "trained with the gate and loss sections instead of GRPO's loss.", default="offline"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -430,6 +463,11 @@ class Config:
     training: dict[str, Any] = field(
         default_factory=lambda: dict(TRAINING_DEFAULTS),
         metadata={"help": "TRL SFTConfig / transformers TrainingArguments, passed through."},
+    )
+    grpo: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Method grpo/online: TRL GRPOConfig fields, passed through (over the defaults taken "
+                          "from training and rollout)."},
     )
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

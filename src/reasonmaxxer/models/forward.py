@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..core.entropy import token_entropy
-from ..core.fused_head import DEFAULT_CHUNK_BYTES, fused_head_logprobs
+from ..core.entropy import token_entropy, token_stats
+from ..core.fused_head import DEFAULT_CHUNK_BYTES, chunk_rows_for, fused_head_logprobs
 from ..core.kl import topk_kl
 from ..core.logprobs import policy_logprobs, policy_logprobs_and_kl
 
@@ -156,6 +156,7 @@ def policy_token_stats(
     kl_anchor: str,
     entropy_temperature: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    base_hidden: torch.Tensor | None = None,
 ) -> PolicyTokenStats:
     """The policy's log-probs, KL to the base and (optionally) entropy, never holding (B, C, V) logits.
 
@@ -172,6 +173,8 @@ def policy_token_stats(
         kl_anchor: ``cached`` (KL on the base's top-k plus a rest bucket) or ``exact``
             (full-vocabulary KL against the adapter-disabled pass).
         entropy_temperature: if set, also the policy's entropy at that temperature.
+        base_hidden: for ``exact``, the (B, C, H) base states when the caller has them already
+            (:func:`base_token_stats`), so the adapter-disabled pass runs once.
     """
     if kl_anchor not in ("cached", "exact"):
         raise ValueError(f"kl_anchor must be 'cached' or 'exact', got {kl_anchor!r}")
@@ -179,17 +182,51 @@ def policy_token_stats(
     if head is None:
         return _policy_token_stats_from_logits(model, peft_model, batch, kl_anchor, entropy_temperature)
     hidden = final_hidden(model, batch)
-    base_hidden = None
-    if kl_anchor == "exact":
+    if kl_anchor == "exact" and base_hidden is None:
         with torch.no_grad(), peft_model.disable_adapter():
             base_hidden = final_hidden(model, batch)
     stats = fused_head_logprobs(
         hidden, head.weight, batch["completion_ids"], bias=head.bias, softcap=head.softcap,
-        extra_ids=batch["topk_ids"] if kl_anchor == "cached" else None, base_hidden=base_hidden,
+        extra_ids=batch["topk_ids"] if kl_anchor == "cached" else None,
+        base_hidden=base_hidden if kl_anchor == "exact" else None,
         entropy_temperature=entropy_temperature, chunk_bytes=chunk_bytes,
     )
     kl = topk_kl(batch["topk_logp"], stats.extra_logp) if kl_anchor == "cached" else stats.kl
     return PolicyTokenStats(stats.logp, kl, stats.entropy)
+
+
+class BaseTokenStats(NamedTuple):
+    """The base's (adapter disabled) statistics at the completion positions; fp32 (B, C), no gradient."""
+
+    logp: torch.Tensor  # log p_base(sampled token)
+    entropy: torch.Tensor  # base entropy at the requested temperature
+    hidden: torch.Tensor | None  # (B, C, H) the base's final states, for policy_token_stats; None without a linear head
+
+
+@torch.no_grad()
+def base_token_stats(model: Any, peft_model: Any, batch: dict[str, torch.Tensor], *, entropy_temperature: float,
+                     chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BaseTokenStats:
+    """One adapter-disabled pass: the base's log-probs and entropy of a packed batch, what scoring stores.
+
+    The head runs on chunks of positions (about ``chunk_bytes`` of fp32 logits each), as
+    scoring does; the states are returned for the exact KL of :func:`policy_token_stats`.
+    """
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    with peft_model.disable_adapter():
+        if linear_head(inner) is None:
+            stats = token_stats(completion_logits(model, batch), batch["completion_ids"],
+                                entropy_temperature=entropy_temperature)
+            return BaseTokenStats(stats["logp"], stats["entropy"], None)
+        hidden = final_hidden(model, batch)
+    B, C, _ = hidden.shape
+    vocab = inner.get_output_embeddings().weight.shape[0]
+    step = max(1, chunk_rows_for(vocab, chunk_bytes) // max(B, 1))
+    parts = [token_stats(head_logits(inner, hidden[:, s : s + step]), batch["completion_ids"][:, s : s + step],
+                         entropy_temperature=entropy_temperature) for s in range(0, C, step)]
+    if not parts:
+        empty = hidden.new_zeros((B, 0), dtype=torch.float32)
+        return BaseTokenStats(empty, empty, hidden)
+    return BaseTokenStats(torch.cat([p["logp"] for p in parts], 1), torch.cat([p["entropy"] for p in parts], 1), hidden)
 
 
 def _policy_token_stats_from_logits(model: Any, peft_model: Any, batch: dict[str, torch.Tensor],

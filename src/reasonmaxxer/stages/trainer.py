@@ -94,37 +94,17 @@ def gather_across_processes(accelerator: Any, local: torch.Tensor) -> torch.Tens
     return gathered[gathered != sentinel]
 
 
-class ForkGatedTrainer(SFTTrainer):
-    """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
+class ForkGatedLoss:
+    """The fork gate and loss of a training step, shared by the offline and the online trainer.
 
-    def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
-                 base_model_name: str | None = None, **kwargs: Any):
-        self.gate = gate
-        self.base_model_name = base_model_name
-        self.loss_cfg = loss_cfg
-        self.entropy_temperature = entropy_temperature
-        super().__init__(*args, **kwargs)
-        # compute_loss returns a per-micro-batch mean (normalised by its own fork and
-        # non-fork counts), so the Trainer must divide by the accumulation steps itself.
-        self.loss_is_scaled_for_ga = False
+    A mixin for a TRL trainer (it uses ``self.state``, ``self.args.seed``,
+    ``self.accelerator`` and ``self._metrics``); the trainer sets ``gate``, ``loss_cfg``
+    and ``entropy_temperature`` before its own ``__init__``.
+    """
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card for ``checkpoints/``, naming the base model and the hub repo.
-
-        TRL reads the base from the model config's ``_name_or_path`` and drops it when that
-        is a local folder (the embedded default is one), which renders "a fine-tuned
-        version of [None]"; it names the base ``base_model_name`` instead while it writes.
-        """
-        config = self.accelerator.unwrap_model(self.model).config
-        saved = config._name_or_path
-        if self.base_model_name:
-            config._name_or_path = self.base_model_name
-        if self.hub_model_id is None:  # set by the Trainer only when it pushes, which it does not here
-            self.hub_model_id = self.args.hub_model_id
-        try:
-            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        finally:
-            config._name_or_path = saved
+    gate: GateConfig
+    loss_cfg: LossConfig
+    entropy_temperature: float
 
     def _gate_generator(self) -> torch.Generator:
         """Seeded by (seed, process, step, micro-batch): a resumed run draws the same positions."""
@@ -157,6 +137,98 @@ class ForkGatedTrainer(SFTTrainer):
         # nan_to_num: a weight that is itself NaN still gives 0 (FiniteAdapterCheck reports it).
         return sum((p * 0.0).nan_to_num(0.0).sum() for p in model.parameters() if p.requires_grad)
 
+    def gated_loss(self, model: Any, *, policy_logp: torch.Tensor, base_logp: torch.Tensor, kl: torch.Tensor,
+                   gate_entropy: torch.Tensor, base_entropy: torch.Tensor, advantages: torch.Tensor,
+                   completion_mask: torch.Tensor, **extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate, fork-gated loss and its metrics for one micro-batch.
+
+        Args:
+            policy_logp, kl: (B, C) with gradient; base_logp, base_entropy: (B, C) the base's;
+            gate_entropy: (B, C) the entropy the gate reads (the base's or the policy's).
+            advantages: (B,); completion_mask: (B, C).
+            extra: more keywords of :func:`~reasonmaxxer.core.loss.fork_gated_loss` (prompt KL).
+
+        Returns:
+            The () loss (a zero through every trainable weight when it is not finite) and the
+            (B, C) fork mask.
+        """
+        mode = "train" if self.model.training else "eval"
+        # The quantile cut pools every process's completion tokens.
+        forks = gate_mask(self.gate, gate_entropy, completion_mask,
+                          gather=lambda t: gather_across_processes(self.accelerator, t),
+                          generator=self._gate_generator() if self.gate.mode == "random" else None,
+                          positive=advantages > 0)
+        loss, stats = fork_gated_loss(
+            policy_logp, base_logp, advantages, forks, completion_mask, kl,
+            kl_coef=self.loss_cfg.kl_coef, variant=self.loss_cfg.variant,
+            neg_prob_floor=self.loss_cfg.neg_prob_floor, hinge_margin=self.loss_cfg.hinge_margin,
+            **paper_loss_options(self.loss_cfg), **extra,
+        )
+        # The one host sync of a micro-batch: a NaN/inf loss must not reach backward.
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite(model, loss, stats_to_floats(stats), mode), forks
+        self._nonfinite_in_a_row = 0
+        with torch.no_grad():
+            valid = completion_mask.bool()
+            base_h = base_entropy.float()
+            stats["base_entropy_forks"] = masked_mean(base_h, forks)
+            stats["base_entropy_nonforks"] = masked_mean(base_h, valid & ~forks)
+            stats["nonfinite_skipped"] = torch.zeros((), device=loss.device)
+        stats.pop("loss")
+        for key, value in stats.items():  # device tensors: read once per logged step, in log()
+            self._metrics[mode][key].append(value)
+        return loss, forks
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The trainer's log, after turning the step's metric tensors into floats with one device sync."""
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        tensors = {k: v for k, v in metrics.items() if v and isinstance(v[0], torch.Tensor)}
+        if tensors:
+            means = torch.stack([torch.stack([x.float().reshape(()) for x in v]).mean() for v in tensors.values()])
+            for key, mean in zip(tensors, means.tolist()):
+                metrics[key] = [mean]
+        super().log(logs, start_time)
+
+
+class NamedBaseModelCard:
+    """A mixin for a TRL trainer whose ``checkpoints/`` card names the base model (``base_model_name``)."""
+
+    base_model_name: str | None = None
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card for ``checkpoints/``, naming the base model and the hub repo.
+
+        TRL reads the base from the model config's ``_name_or_path`` and drops it when that
+        is a local folder (the embedded default is one), which renders "a fine-tuned
+        version of [None]"; it names the base ``base_model_name`` instead while it writes.
+        """
+        config = self.accelerator.unwrap_model(self.model).config
+        saved = config._name_or_path
+        if self.base_model_name:
+            config._name_or_path = self.base_model_name
+        if self.hub_model_id is None:  # set by the Trainer only when it pushes, which it does not here
+            self.hub_model_id = self.args.hub_model_id
+        try:
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        finally:
+            config._name_or_path = saved
+
+
+class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
+    """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
+
+    def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
+                 base_model_name: str | None = None, **kwargs: Any):
+        self.gate = gate
+        self.base_model_name = base_model_name
+        self.loss_cfg = loss_cfg
+        self.entropy_temperature = entropy_temperature
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean (normalised by its own fork and
+        # non-fork counts), so the Trainer must divide by the accumulation steps itself.
+        self.loss_is_scaled_for_ga = False
+
     def _prompt_kl(self, model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """For ``loss.kl_on_prompt``: KL(base || policy) at the prompt positions, and their mask.
 
@@ -173,51 +245,19 @@ class ForkGatedTrainer(SFTTrainer):
         return {"prompt_kl": prompt_kl(base_logits, policy_logits, mask), "prompt_mask": mask}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if self.model.training else "eval"
-        completion_mask = inputs["completion_mask"]
         policy_entropy = self.gate.entropy_source == "policy"
         # The LM head runs fused with the log-probs and the KL, chunk by chunk: no (B, C, V) logits.
         policy = policy_token_stats(model, self.accelerator.unwrap_model(model), inputs,
                                     kl_anchor=self.loss_cfg.kl_anchor,
                                     entropy_temperature=self.entropy_temperature if policy_entropy else None)
-        policy_logp, kl = policy.logp, policy.kl
-        entropy = policy.entropy if policy_entropy else inputs["base_entropy"]
-        forks = gate_mask(self.gate, entropy, completion_mask,
-                          gather=lambda t: gather_across_processes(self.accelerator, t),
-                          generator=self._gate_generator() if self.gate.mode == "random" else None,
-                          positive=inputs["advantages"] > 0)
-        loss, stats = fork_gated_loss(
-            policy_logp, inputs["base_logp"], inputs["advantages"], forks, completion_mask, kl,
-            kl_coef=self.loss_cfg.kl_coef, variant=self.loss_cfg.variant,
-            neg_prob_floor=self.loss_cfg.neg_prob_floor, hinge_margin=self.loss_cfg.hinge_margin,
-            **paper_loss_options(self.loss_cfg),
+        loss, _ = self.gated_loss(
+            model, policy_logp=policy.logp, base_logp=inputs["base_logp"], kl=policy.kl,
+            gate_entropy=policy.entropy if policy_entropy else inputs["base_entropy"],
+            base_entropy=inputs["base_entropy"], advantages=inputs["advantages"],
+            completion_mask=inputs["completion_mask"],
             **(self._prompt_kl(model, inputs) if self.loss_cfg.kl_on_prompt else {}),
         )
-        # The one host sync of a micro-batch: a NaN/inf loss must not reach backward.
-        if not torch.isfinite(loss):
-            return self._skip_nonfinite(model, loss, stats_to_floats(stats), mode)
-        self._nonfinite_in_a_row = 0
-        with torch.no_grad():
-            valid = completion_mask.bool()
-            base_h = inputs["base_entropy"].float()
-            stats["base_entropy_forks"] = masked_mean(base_h, forks)
-            stats["base_entropy_nonforks"] = masked_mean(base_h, valid & ~forks)
-            stats["nonfinite_skipped"] = torch.zeros((), device=loss.device)
-        stats.pop("loss")
-        for key, value in stats.items():  # device tensors: read once per logged step, in log()
-            self._metrics[mode][key].append(value)
-        return (loss, {"policy_logp": policy_logp}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """SFTTrainer.log, after turning the step's metric tensors into floats with one device sync."""
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        tensors = {k: v for k, v in metrics.items() if v and isinstance(v[0], torch.Tensor)}
-        if tensors:
-            means = torch.stack([torch.stack([x.float().reshape(()) for x in v]).mean() for v in tensors.values()])
-            for key, mean in zip(tensors, means.tolist()):
-                metrics[key] = [mean]
-        super().log(logs, start_time)
+        return (loss, {"policy_logp": policy.logp}) if return_outputs else loss
 
 
 class FiniteAdapterCheck(TrainerCallback):

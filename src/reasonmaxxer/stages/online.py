@@ -1,0 +1,238 @@
+"""GRPO-style training that samples as it trains: TRL's GRPOTrainer, counted, and the online fork-gated arm.
+
+:class:`ComputeCountingGRPOTrainer` is TRL's own GRPO with one addition: it counts what it
+spends (forward and trained tokens, wall seconds; see :mod:`reasonmaxxer.utils.flops`)
+and writes ``compute.json``. :class:`OnlineGatedTrainer` samples the same way and trains
+with this project's gate and loss instead of GRPO's.
+
+Pinned to trl==1.16.* (GRPOTrainer). What is relied on, and nothing else:
+
+- overridden: ``_generate`` (returns ``prompt_ids, completion_ids, ...`` lists; counted),
+  ``_generate_and_score_completions`` (its output dict: ``prompt_ids``/``prompt_mask``
+  left-padded, ``completion_ids``/``completion_mask`` right-padded, ``advantages`` (B,) of
+  this process's rows, and ``old_per_token_logps``/``ref_per_token_logps`` when those
+  passes ran), ``_calculate_rewards`` (returns the (N, F) rewards gathered over all
+  processes, in process order), ``compute_loss``, ``log`` and ``_save_checkpoint``
+  (each calls the original);
+- read: ``num_generations``, ``accelerator``, ``_metrics``, ``state``, ``args``,
+  ``model``, and the attribute ``loss_is_scaled_for_ga`` (the online loss is a
+  per-micro-batch mean, so the Trainer divides by the accumulation steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from ..config import GateConfig, LossConfig
+from ..core.advantages import group_advantages
+from ..models.forward import base_token_stats, policy_token_stats
+from ..utils.flops import ComputeLedger
+from ..utils.storage import atomic_write_json, read_json
+from .trainer import ForkGatedLoss, NamedBaseModelCard
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_FILE = "compute.json"
+_LEDGER_KEYS = ("forward_tokens", "trained_tokens", "wall_seconds", "flops")
+
+
+def real_tokens(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """() the non-padding prompt and completion positions of a GRPO batch (a device tensor)."""
+    return inputs["prompt_mask"].sum() + inputs["completion_mask"].sum()
+
+
+def packed_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GRPO batch in the layout of :func:`reasonmaxxer.utils.sequences.pack_batch`.
+
+    TRL's prompts are left-padded to P and its completions right-padded to C, which is
+    that layout already; positions count real tokens only, as in generation.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``position_ids`` (B, P + C), ``completion_ids``
+        and ``completion_mask`` (B, C).
+    """
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    return {
+        "input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0),
+        "completion_ids": inputs["completion_ids"],
+        "completion_mask": inputs["completion_mask"],
+    }
+
+
+def ledger_entry(ledger: ComputeLedger) -> dict[str, Any]:
+    """The ledger's counts without its parameter count: one ``compute.json`` entry."""
+    d = ledger.to_dict()
+    return {k: d[k] for k in _LEDGER_KEYS}
+
+
+class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
+    """TRL's GRPOTrainer that counts its compute and writes ``<run_dir>/compute.json``.
+
+    Forward tokens: every prompt and completion token of each sample (prefill once per
+    sample), and every real position of the old-log-prob and reference passes when TRL
+    runs them. Trained tokens: every real position of each micro-batch that goes through
+    forward and backward. Counts are per process and summed over processes when read.
+    """
+
+    def __init__(self, *args: Any, run_dir: Path, n_params: int, base_model_name: str | None = None,
+                 **kwargs: Any):
+        self.run_dir = Path(run_dir)
+        self.base_model_name = base_model_name
+        self._resumed = ComputeLedger(n_params)  # totals (all processes) at the checkpoint this run resumed from
+        self._checkpoint_entries: list[dict[str, Any]] = []
+        self._host_counts = [0, 0]  # this process: forward, trained tokens since this run started
+        self._device_counts: list[torch.Tensor] = []  # (2,) increments not read yet: no host sync per micro-batch
+        self._wall_start: float | None = None
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------ counting
+    def _count(self, tokens: torch.Tensor, *, forward_passes: int = 0, trained: bool = False) -> None:
+        if self.model.training:
+            self._device_counts.append(torch.stack([tokens * forward_passes, tokens * int(trained)]).long())
+
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        if self.model.training:
+            prompt_ids, completion_ids = out[0], out[1]
+            self._host_counts[0] += sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+        return out
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super()._generate_and_score_completions(inputs)
+        passes = int("old_per_token_logps" in out) + int("ref_per_token_logps" in out)
+        if passes:
+            self._count(real_tokens(out), forward_passes=passes)
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._count(real_tokens(inputs), trained=True)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def compute_totals(self) -> ComputeLedger:
+        """The run's compute so far, summed over processes (every process must call it)."""
+        local = torch.tensor(self._host_counts, dtype=torch.long, device=self.accelerator.device)
+        if self._device_counts:
+            local = local + torch.stack(self._device_counts).sum(0).to(local.device)
+            self._device_counts = []
+        self._host_counts = local.tolist()
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        forward, trained = (int(x) for x in total.tolist())
+        elapsed = time.perf_counter() - self._wall_start if self._wall_start is not None else 0.0
+        r = self._resumed
+        return ComputeLedger(r.n_params, forward_tokens=r.forward_tokens + forward,
+                             trained_tokens=r.trained_tokens + trained, wall_seconds=r.wall_seconds + elapsed)
+
+    def write_compute(self, checkpoint_dir: str | None = None) -> ComputeLedger:
+        """Write ``compute.json`` (and a copy into ``checkpoint_dir``, recording a checkpoint entry)."""
+        totals = self.compute_totals()
+        if checkpoint_dir is not None:
+            self._checkpoint_entries.append({"step": self.state.global_step, **ledger_entry(totals)})
+        record = {"n_params": totals.n_params, "checkpoints": list(self._checkpoint_entries),
+                  "total": ledger_entry(totals)}
+        if self.is_world_process_zero():
+            atomic_write_json(self.run_dir / COMPUTE_FILE, record)
+            if checkpoint_dir is not None and os.path.isdir(checkpoint_dir):
+                atomic_write_json(Path(checkpoint_dir) / COMPUTE_FILE, record)
+        return totals
+
+    def _restore_compute(self, checkpoint: str) -> None:
+        """Continue the counts from what a checkpoint recorded (a run resumed from it)."""
+        path = Path(checkpoint) / COMPUTE_FILE
+        if not path.is_file():
+            logger.warning("%s has no %s: compute is counted from this run's start", checkpoint, COMPUTE_FILE)
+            return
+        record = read_json(path)
+        self._resumed = ComputeLedger.from_dict({"n_params": self._resumed.n_params, **record["total"]})
+        self._checkpoint_entries = list(record.get("checkpoints", []))
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if isinstance(resume_from_checkpoint, str):
+            self._restore_compute(resume_from_checkpoint)
+        self._wall_start = time.perf_counter()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        totals = self.compute_totals()
+        logs = {**logs, "compute/flops": totals.flops, "compute/forward_tokens": totals.forward_tokens,
+                "compute/trained_tokens": totals.trained_tokens}
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        self.write_compute(checkpoint_dir=folder)
+
+
+class OnlineGatedTrainer(ForkGatedLoss, ComputeCountingGRPOTrainer):
+    """GRPO's sampling with the fork-gated loss: gate on the base's (or the policy's) entropy,
+    advantages within each prompt's group, the signed term at forks, the exact KL to the base
+    elsewhere.
+
+    One adapter-disabled pass per micro-batch gives the base's log-probs, its entropy at
+    ``entropy_temperature`` and the states the exact KL compares with; the policy's pass
+    runs the LM head fused with its log-probs and the KL (no (B, C, V) logits). GRPO's own
+    loss settings (beta, clipping, importance ratios) are not used.
+    """
+
+    def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
+                 advantage_clip: float, **kwargs: Any):
+        self.gate = gate
+        self.loss_cfg = loss_cfg
+        self.entropy_temperature = entropy_temperature
+        self.advantage_clip = advantage_clip
+        self._rewards_gathered: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+        # The loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_gathered = rewards  # (N over all processes, functions), for the advantages below
+        return rewards
+
+    def group_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(N,) advantages of every process's rows: :func:`group_advantages` per group of num_generations.
+
+        ``rewards`` is (N, F): the reward functions' values (one function here; several are summed,
+        a None reward counts 0).
+        """
+        total = rewards.nan_to_num(0.0).sum(dim=1).float()
+        groups = total.view(-1, self.num_generations)
+        return torch.stack([group_advantages(g, self.advantage_clip) for g in groups]).reshape(-1)
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super()._generate_and_score_completions(inputs)
+        local = out["completion_ids"].shape[0]
+        start = self.accelerator.process_index * local
+        out["advantages"] = self.group_advantages(self._rewards_gathered)[start : start + local].to(
+            out["completion_ids"].device)
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("OnlineGatedTrainer does not return outputs")
+        batch = packed_batch(inputs)
+        peft_model = self.accelerator.unwrap_model(model)
+        # One forward pass without the adapter (counted) and one trained pass.
+        self._count(real_tokens(inputs), forward_passes=1, trained=True)
+        base = base_token_stats(model, peft_model, batch, entropy_temperature=self.entropy_temperature)
+        policy_entropy = self.gate.entropy_source == "policy"
+        policy = policy_token_stats(model, peft_model, batch, kl_anchor="exact", base_hidden=base.hidden,
+                                    entropy_temperature=self.entropy_temperature if policy_entropy else None)
+        loss, _ = self.gated_loss(
+            model, policy_logp=policy.logp, base_logp=base.logp, kl=policy.kl,
+            gate_entropy=policy.entropy if policy_entropy else base.entropy, base_entropy=base.entropy,
+            advantages=inputs["advantages"], completion_mask=inputs["completion_mask"],
+        )
+        return loss
