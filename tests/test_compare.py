@@ -149,7 +149,7 @@ def test_compare_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, monkeypat
     monkeypatch.setattr(ForkGatedTrainer, "compute_loss", counting_loss)
     path = _compare_file(tmp_path, name="t", budget=1e9, seeds=[0], checkpoints=[0.5, 1.0], offline_scales=[0.5, 1],
                          arms=[{"name": "forks"}, {"name": "dense", "overrides": {"gate.mode": "all"}}])
-    args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--eval.num_samples", "2", "--eval.bootstrap", "50",
+    args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--eval.num_samples", "2", "--eval.bootstrap", "100",
             "--eval.movement_rollouts", "4", "--eval.greedy", "false", "--compare", str(path)]
     assert train_main(args) == 0
     root = tmp_path / "run" / "compare" / "t"
@@ -176,6 +176,9 @@ def test_compare_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, monkeypat
     assert by_step[2]["trained_tokens"] == sum(batches[:2])  # save_steps 2
     assert 0 < by_step[2]["wall_seconds"] < record["total"]["wall_seconds"]
     points = result["points"]["forks"]
+    movement = json.loads((root / "evals" / "forks" / "seed=0" / "scale=1" / "movement.json").read_text())
+    assert points[-1]["fork_shifted"] == movement["fork"]["shifted"] is not None
+    assert points[-1]["kl_share_top20_entropy"] == movement["kl_share_top20_entropy"] is not None
     assert [p["flops"] for p in points][-1] == pytest.approx(record["total"]["flops"])
     # every arm of the seed is evaluated on the same held-out problems and the same base samples
     assert {tuple(sorted(p["per_problem_delta"])) for ps in result["points"].values() for p in ps} .__len__() == 1

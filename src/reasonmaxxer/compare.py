@@ -475,7 +475,7 @@ def _eval_point(point: dict[str, Any], adapter: Path, eval_cfg: Config, out: Pat
         "kl_mean_all": kl_all, "kl_fork": fork.get("kl_mean"), "kl_nonfork": nonfork.get("kl_mean"),
         "kl_ratio": mov.get("kl_ratio"), "kl_share_at_forks": mov.get("kl_share_at_forks"),
         "kl_share_top20_entropy": mov.get("kl_share_top20_entropy"),
-        **{f"{where}_{cls}": (d.get("shift_classes") or {}).get(cls) for where, d in (("fork", fork),
+        **{f"{where}_{cls}": d.get(cls) for where, d in (("fork", fork),
            ("nonfork", nonfork)) for cls in ("shifted", "reranked")},
         "per_problem_delta": per_problem_delta(per_problem_rewards(base), per_problem_rewards(adapted)),
     }
