@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "stages": 4, "tracking": 4,
     "evaluation": 5,
     "pipeline": 6,
-    "sweep": 7,
+    "sweep": 7, "compare": 7,
     "cli": 8, "testing": 8, "__init__": 8,
 }
 

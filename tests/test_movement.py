@@ -581,3 +581,15 @@ def test_planted_change_on_tiny_model_logits(peft_model):
     assert s["kl_share_at_forks"] == 1.0
     assert s["nonfork"]["top1_agreement"] == 1.0 and s["nonfork"]["unshifted"] == 1.0
     assert s["fork"]["dlogp_correct"] is not None and s["fork"]["dlogp_wrong"] is None
+
+
+def test_kl_share_high_entropy_is_the_kl_mass_at_the_top_fifth_by_base_entropy():
+    import torch
+
+    from reasonmaxxer.evaluation.movement import kl_share_high_entropy
+
+    entropy = torch.arange(10, dtype=torch.float32)  # the top 20%: the positions of entropy 8 and 9
+    kl = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 3.0, 1.0])
+    assert kl_share_high_entropy(entropy, kl, quantile=0.2) == pytest.approx(4.0 / 5.0)
+    assert kl_share_high_entropy(entropy, torch.zeros(10)) is None
+    assert kl_share_high_entropy(torch.zeros(0), torch.zeros(0)) is None

@@ -67,9 +67,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="redo the stages of output_dir that were made with other settings (deletes their outputs)")
     parser.add_argument("--sweep", help="W&B sweep file (method: grid): train and evaluate every point locally")
+    parser.add_argument("--compare", help="compare file: train ARMS x SEEDS to one compute budget and evaluate "
+                                           "them head to head (compare.md/json/png)")
     parser.add_argument("--plan", action="store_true",
                         help="with --sweep: print each seed's shared folder and each point's folder with what is "
-                             "done, and stop")
+                             "done; with --compare: the arms, seeds, budget, steps and an estimated time; then stop")
     parser.add_argument("--merge", action="store_true",
                         help="after training (finished stages are skipped), write the base with the adapter merged "
                              "in to <output_dir>/merged/ (safetensors + tokenizer, loads without PEFT)")
@@ -81,13 +83,29 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         if args.print_config:
             return _print_config(load_config(args.config, overrides))
-        if args.merge and args.sweep:
-            raise UserError("--merge merges one run's adapter; run it on a sweep point's folder instead of --sweep")
+        if args.merge and (args.sweep or args.compare):
+            raise UserError("--merge merges one run's adapter; run it on a sweep point's or arm's folder instead")
+        if args.sweep and args.compare:
+            raise UserError("--sweep and --compare are two kinds of job; pass one of them")
+        if args.compare and (dist.world_size() > 1 or args.stage):
+            raise UserError("--compare runs its arms one after another in one process; launch it with "
+                            "`python train.py`, without torchrun or --stage")
+        if args.compare:
+            from .compare import compare_plan, run_compare
+
+            if args.plan:
+                print(compare_plan(args.config, overrides, args.compare))
+                return 0
+            compare_dir = run_compare(args.config, overrides, args.compare, progress=not args.no_progress)
+            print(f"\ncompare finished in {time.perf_counter() - start:.0f} s: {compare_dir}/compare.md")
+            print((compare_dir / "compare.md").read_text())
+            return 0
         if args.sweep and dist.world_size() > 1:
             raise UserError("--sweep runs its points one after another in one process; launch it with "
                             "`python train.py`, not torchrun (each point can still use every GPU it sees)")
         if args.plan and not args.sweep:
-            raise UserError("--plan prints the points of a sweep; pass it with --sweep FILE")
+            raise UserError("--plan prints what a sweep or comparison would do; pass it with --sweep FILE or "
+                            "--compare FILE")
         if args.sweep and args.plan:
             from .sweep import sweep_plan
 

@@ -24,6 +24,7 @@ from .data.sources import load_problems
 from .errors import ConfigError, DataError
 from .tracking import Tracker, redact
 from .utils import distributed as dist
+from .utils.flops import ComputeLedger
 from .utils.storage import (
     atomic_write_json,
     atomic_write_text,
@@ -331,7 +332,72 @@ class Pipeline:
             report_to=self.tracker.trainer_report_to if self.tracker else "none",
             entropy_temperature=self.cfg.entropy_temperature, progress=self.progress, heldout=heldout,
         )
-        return train_adapter(trainer, self.run_dir, self.cfg)
+        start = time.perf_counter()
+        summary = train_adapter(trainer, self.run_dir, self.cfg)
+        if dist.is_main() and getattr(self.cfg, "method", "offline") == "offline":
+            write_offline_compute(self.run_dir, self.cfg, base_parameter_count(model),
+                                  train_seconds=time.perf_counter() - start, final_step=summary["steps"],
+                                  trained_tokens=summary["trained_tokens"])
+        return summary
+
+
+COMPUTE_FILE = "compute.json"
+UPFRONT_STAGES = ("problems", "rollouts", "scoring", "selection")
+
+
+def base_parameter_count(model: Any) -> int:
+    """N of the FLOPs rule: the base's parameters (each shared tensor once), LoRA's left out."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+
+
+def _sequence_tokens(rollouts_path: Path) -> int:
+    """Prompt + completion positions of every rollout."""
+    return sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in read_jsonl_cut_torn_tail(rollouts_path))
+
+
+def offline_compute(run_dir: Path, cfg: Config, n_params: int, *, train_seconds: float, final_step: int,
+                    trained_tokens: int) -> dict[str, Any]:
+    """What an offline run spent, cumulative from its start, at each checkpoint and in total.
+
+    Up front (charged before the first step): the rollouts (every prompt and completion
+    position of every sample, prefill included) and scoring (one teacher-forced base pass
+    over the same positions) as forward tokens, with the measured seconds of the problems,
+    rollouts, scoring and selection stages (``stages/*.json``). Training: the positions
+    that went through a step's forward and backward, as the Trainer counted them
+    (``num_input_tokens_seen``, non-padding, in each checkpoint's ``trainer_state.json``);
+    ``loss.kl_anchor: exact`` adds one adapter-disabled forward of the same positions, and
+    ``loss.kl_on_prompt`` one more. A checkpoint's training seconds are the training
+    stage's seconds apportioned by step (the Trainer records no time per step).
+    """
+    sequence_tokens = _sequence_tokens(run_dir / "rollouts.jsonl")
+    upfront_seconds = sum(float((read_json(p) if (p := run_dir / "stages" / f"{s}.json").exists() else {})
+                                .get("seconds", 0.0)) for s in UPFRONT_STAGES)
+    reference_passes = int(cfg.loss.kl_anchor == "exact") + int(cfg.loss.kl_on_prompt)
+
+    def at(step: int, trained: int) -> dict[str, Any]:
+        ledger = ComputeLedger(n_params)
+        ledger.add(forward_tokens=2 * sequence_tokens, wall_seconds=upfront_seconds)  # rollouts + scoring
+        ledger.add(forward_tokens=reference_passes * trained, trained_tokens=trained,
+                   wall_seconds=train_seconds * step / final_step if final_step else 0.0)
+        return {k: v for k, v in ledger.to_dict().items() if k != "n_params"}
+
+    checkpoints = []
+    for state_file in sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                             key=lambda p: int(p.parent.name.rsplit("-", 1)[-1])):
+        state = read_json(state_file)
+        if "num_input_tokens_seen" in state and state.get("global_step"):
+            step = int(state["global_step"])
+            checkpoints.append({"step": step, **at(step, int(state["num_input_tokens_seen"]))})
+    return {"n_params": int(n_params), "method": "offline", "checkpoints": checkpoints,
+            "total": at(final_step, trained_tokens),
+            "counted": "forward: rollouts and scoring (prompt + completion positions); trained: the Trainer's "
+                       "num_input_tokens_seen (non-padding positions through forward and backward)"}
+
+
+def write_offline_compute(run_dir: Path, cfg: Config, n_params: int, **kwargs: Any) -> dict[str, Any]:
+    record = offline_compute(run_dir, cfg, n_params, **kwargs)
+    atomic_write_json(run_dir / COMPUTE_FILE, record)
+    return record
 
     def _train_sampling(self) -> dict[str, Any]:
         """Method grpo/online: the trainer samples the training problems itself."""

@@ -346,6 +346,30 @@ def high_entropy_overlap(
     return int((base_set & policy_set).sum()) / union
 
 
+def kl_share_high_entropy(base_entropy: torch.Tensor, kl: torch.Tensor, *, quantile: float = 0.2) -> float | None:
+    """Share of the total KL(base || policy) mass that sits at the base's top-``quantile`` entropy positions.
+
+    The set is ``fork_mask(mode="quantile")`` of the base entropy over all given positions
+    (ties at the cut included), the same for every adapter measured on the same rollouts,
+    so adapters compare at one fixed set of positions whatever gate they trained with.
+
+    Args:
+        base_entropy, kl: (N,) over the completion positions (masked, flat).
+
+    Returns:
+        sum KL at the set / sum KL everywhere; None when N = 0 or the total KL is 0 or not finite.
+    """
+    h = base_entropy.reshape(1, -1)
+    if h.numel() == 0:
+        return None
+    high = fork_mask(h, torch.ones_like(h, dtype=torch.bool), mode="quantile", quantile=quantile).reshape(-1)
+    kl = kl.reshape(-1).double()
+    total = float(kl.sum())
+    if not math.isfinite(total) or total <= 0:
+        return None
+    return _finite_or_none(float(kl[high].sum()) / total)
+
+
 def entropy_deciles(
     base_entropy: torch.Tensor,
     kl: torch.Tensor,

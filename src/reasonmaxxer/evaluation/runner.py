@@ -223,7 +223,7 @@ def movement_positions(model: Any, tokenizer: Any, rollouts: list[dict[str, Any]
 
 
 def movement_report(pos: dict[str, Any], cfg: Config, entropy_temperature: float) -> dict[str, Any]:
-    from .movement import entropy_deciles, high_entropy_overlap, summarize
+    from .movement import entropy_deciles, high_entropy_overlap, kl_share_high_entropy, summarize
 
     flat = pos["flat"]
     report = summarize(flat, flat["fork"], flat["correct"])
@@ -234,6 +234,8 @@ def movement_report(pos: dict[str, Any], cfg: Config, entropy_temperature: float
             pos["base_entropy_padded"], pos["policy_entropy_padded"], pos["mask"], quantile=0.2)
     else:
         report["high_entropy_overlap"] = None
+    # The gate-free view: KL mass at the base's top-20% entropy positions (the same set for any adapter).
+    report["kl_share_top20_entropy"] = kl_share_high_entropy(flat["base_entropy"], flat["kl"], quantile=0.2)
     report["entropy_deciles"] = entropy_deciles(flat["base_entropy"], flat["kl"], flat["top1_agree"])
     return report
 

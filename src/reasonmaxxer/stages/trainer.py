@@ -346,7 +346,11 @@ def build_trainer(
            # The repo is the run's (the Trainer's default is its output folder's name, "checkpoints"), and
            # train_adapter pushes the adapter folder with its card, so the Trainer itself never pushes
            # (it would upload checkpoints/ at every save).
-           "hub_model_id": hub_repo_id(cfg), "push_to_hub": False},
+           "hub_model_id": hub_repo_id(cfg), "push_to_hub": False,
+           # The Trainer counts the non-padding positions of every micro-batch after its forward and
+           # backward (gathered over processes), logs them as num_input_tokens_seen and keeps the count
+           # in each checkpoint's trainer_state.json: the trained tokens of compute.json.
+           "include_num_input_tokens_seen": "non_padding"},
     )
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
@@ -391,6 +395,7 @@ def train_adapter(trainer: ForkGatedTrainer, run_dir: Path, cfg: Config) -> dict
         "steps": trainer.state.global_step,
         "resumed_from": resume.rsplit("-", 1)[-1] if resume else None,
         "train_loss": result.training_loss,
+        "trained_tokens": int(trainer.state.num_input_tokens_seen),
         **({"pushed_to": pushed_to} if pushed_to else {}),
         **{k: last[k] for k in ("fork_fraction", "fork_term", "kl_term", "dlogp_pos_forks", "dlogp_neg_forks")
            if k in last},

@@ -1,0 +1,193 @@
+"""Head-to-head on equal compute: compare files, the compute ratio, offline compute.json, an end-to-end compare."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reasonmaxxer.compare import load_compare
+from reasonmaxxer.errors import ConfigError
+from reasonmaxxer.evaluation.comparison import (
+    AT_FIRST,
+    NOT_REACHED,
+    REACHED,
+    compute_ratio,
+    compute_to_reach,
+    ratio_text,
+)
+from reasonmaxxer.testing import tiny_run_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compare_file(tmp_path, **content):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_compute_to_reach_interpolates_the_first_crossing():
+    flops, deltas, wall = [1.0, 2.0, 4.0], [0.0, 0.1, 0.3], [10.0, 20.0, 40.0]
+    hit = compute_to_reach(flops, deltas, 0.2, wall)
+    # between (2, 0.1) and (4, 0.3): t = (0.2 - 0.1) / 0.2 = 0.5 -> 2 + 0.5 * 2 = 3 FLOPs, 20 + 0.5 * 20 = 30 s
+    assert hit == {"flops": pytest.approx(3.0), "wall_seconds": pytest.approx(30.0), "status": REACHED}
+    assert compute_to_reach(flops, deltas, 0.5, wall) == {"flops": 4.0, "wall_seconds": 40.0, "status": NOT_REACHED}
+    assert compute_to_reach(flops, deltas, -0.1, wall)["status"] == AT_FIRST
+    # a dip after the first crossing does not matter: the first crossing counts
+    assert compute_to_reach([1, 2, 3], [0.0, 0.4, 0.1], 0.2)["flops"] == pytest.approx(1.5)
+
+
+def test_compute_ratio_and_its_lower_bound():
+    reference = {"flops": [2.0, 5.0], "delta": [0.05, 0.2], "wall_seconds": [100.0, 200.0]}
+    arm = {"flops": [1.0, 2.0, 4.0], "delta": [0.0, 0.1, 0.3], "wall_seconds": [10.0, 20.0, 40.0]}
+    r = compute_ratio(arm, reference)
+    assert r["ratio"] == pytest.approx(3.0 / 5.0) and r["wall_ratio"] == pytest.approx(30.0 / 200.0)
+    assert ratio_text(r) == "0.6×"
+    # the reverse: the reference must reach 0.3, which it never does within its 5 FLOPs
+    back = compute_ratio(reference, arm)
+    assert back["status"] == NOT_REACHED and back["ratio"] == pytest.approx(5.0 / 4.0)
+    assert ratio_text(back) == "> 1.2×"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"budget": 1e9, "arms": [{"name": "a"}], "seedz": [0]}, "seedz: unknown key (did you mean 'seeds'?)"),
+    ({"arms": [{"name": "a"}]}, "budget: missing"),
+    ({"budget": -1, "arms": [{"name": "a"}]}, "budget: must be > 0"),
+    ({"budget": "lots", "arms": [{"name": "a"}]}, "budget: expected a number"),
+    ({"budget": 1e9, "arms": []}, "arms: expected a non-empty list"),
+    ({"budget": 1e9, "arms": [{"name": "a"}, {"name": "a"}]}, "arms[1]: name 'a' is used twice"),
+    ({"budget": 1e9, "arms": [{"name": "a", "overrides": {"lora.r": 4}}]}, "arms[0] (a): lora.r: arms must share"),
+    ({"budget": 1e9, "arms": [{"name": "a", "overrides": {"rollout": {"temperature": 1.0}}}]},
+     "arms[0] (a): rollout.temperature: arms must share"),
+    ({"budget": 1e9, "arms": [{"name": "a", "overrides": {"training.max_steps": 5}}]},
+     "arms[0] (a): training.max_steps: arms must share"),
+    ({"budget": 1e9, "checkpoints": [0.5, 2], "arms": [{"name": "a"}]}, "checkpoints: fractions of the budget"),
+    ({"budget": 1e9, "seeds": [0, 0], "arms": [{"name": "a"}]}, "seeds: a seed is listed twice"),
+    ({"budget": 1e9, "reference": "b", "arms": [{"name": "a"}]}, "reference: 'b' is not an arm"),
+])
+def test_bad_compare_files_fail_with_one_line(tmp_path, capsys, content, message):
+    from reasonmaxxer.cli import train_main
+
+    path = _compare_file(tmp_path, **content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_compare(path)
+    assert train_main(["--compare", str(path), "--plan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"compare file '{path}'" in err and message in err
+
+
+def test_a_bad_arm_key_names_the_compare_file(tmp_path, capsys, tiny_model_dir):
+    from reasonmaxxer.cli import train_main
+
+    path = _compare_file(tmp_path, budget=1e9, n_params=1000, arms=[{"name": "a", "overrides": {"gate.tua": 1}}])
+    assert train_main([*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--compare", str(path), "--plan"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: compare file '{path}': gate.tua: unknown key (did you mean 'tau'?)"
+
+
+def test_shipped_compare_files_validate():
+    """Every arm loads against the schema; the grpo/online arms where the schema has ``method``."""
+    import dataclasses
+
+    from reasonmaxxer.compare import plan_runs
+    from reasonmaxxer.config import Config
+
+    has_method = "method" in {f.name for f in dataclasses.fields(Config)}
+    for name in ("demo.yaml", "qwen2.5-0.5b.yaml"):
+        spec = load_compare(ROOT / "configs" / "compare" / name)
+        assert [a.name for a in spec.arms] == ["offline-forks", "offline-dense", "grpo", "grpo-80-20", "online-forks"]
+        assert spec.reference == "offline-forks"
+        if not has_method:
+            spec.arms = [a for a in spec.arms if "method" not in a.overrides]
+        runs = plan_runs(spec, [], n_params=spec.n_params or 134_515_008)
+        offline = [r for r in runs if r.method == "offline"]
+        assert offline and all(len(r.runs) == len(spec.checkpoints) for r in offline)
+        # the largest scale spends about the budget (the estimate the scales are chosen from)
+        assert offline[0].runs[-1][1] > offline[0].runs[0][1]
+
+
+def test_plan_prints_without_running(tiny_model_dir, tmp_path, capsys):
+    from reasonmaxxer.cli import train_main
+
+    path = _compare_file(tmp_path, name="t", budget=1e9, seeds=[0, 1], checkpoints=2, offline_scales=[0.5, 1],
+                         arms=[{"name": "forks"}, {"name": "dense", "overrides": {"gate.mode": "all"}}])
+    assert train_main([*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--compare", str(path), "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "compare t: 2 arms x 2 seed(s)" in out and "budget 1e+09 FLOPs" in out
+    assert "scale=0.5 (data.num_train 3, training.max_steps 2" in out  # tiny run: 6 problems, 3 steps
+    assert out.count("to run") == 8 and "estimated time" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture()
+def mixed_verify(monkeypatch):
+    """A random tiny model solves nothing: reward by a hash of the text so problems are mixed."""
+    import zlib
+
+    import reasonmaxxer.stages.rollouts as rollouts_module
+
+    monkeypatch.setattr(rollouts_module, "verify", lambda text, answer, *_: (float(zlib.crc32(text.encode()) % 2), None))
+
+
+@pytest.mark.slow
+def test_compare_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, monkeypatch, mixed_verify, capsys):
+    from reasonmaxxer import compare as compare_module
+    from reasonmaxxer.cli import train_main
+    from reasonmaxxer.stages.trainer import ForkGatedTrainer
+
+    trained_batches: list[tuple[str, int]] = []  # (run's checkpoints folder, non-padding positions) per micro-batch
+    real_loss = ForkGatedTrainer.compute_loss
+
+    def counting_loss(self, model, inputs, *args, **kwargs):
+        trained_batches.append((self.args.output_dir, int(inputs["attention_mask"].sum())))
+        return real_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ForkGatedTrainer, "compute_loss", counting_loss)
+    path = _compare_file(tmp_path, name="t", budget=1e9, seeds=[0], checkpoints=[0.5, 1.0], offline_scales=[0.5, 1],
+                         arms=[{"name": "forks"}, {"name": "dense", "overrides": {"gate.mode": "all"}}])
+    args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--eval.num_samples", "2", "--eval.bootstrap", "100",
+            "--eval.movement_rollouts", "4", "--eval.greedy", "false", "--compare", str(path)]
+    assert train_main(args) == 0
+    root = tmp_path / "run" / "compare" / "t"
+    for name in ("compare.md", "compare.json", "compare.png"):
+        assert (root / name).stat().st_size > 0
+    result = json.loads((root / "compare.json").read_text())
+    assert set(result["curves"]) == {"forks", "dense"} and len(result["curves"]["forks"]) == 2
+    assert [r["arm"] for r in result["ratios"]] == ["dense"]
+    md = (root / "compare.md").read_text()
+    assert "| dense |" in md and "× reference" in md
+
+    # compute.json of the scale-1 fork-gated run, by hand
+    run_dir = root / "runs" / "forks" / "seed=0" / "scale=1"
+    record = json.loads((run_dir / "compute.json").read_text())
+    rollouts = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    sequence_tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rollouts)
+    batches = [n for folder, n in trained_batches if Path(folder) == run_dir / "checkpoints"]
+    assert len(batches) == 3  # 3 steps of one micro-batch
+    assert record["total"]["forward_tokens"] == 2 * sequence_tokens  # rollouts + scoring (kl_anchor cached)
+    assert record["total"]["trained_tokens"] == sum(batches)
+    n = record["n_params"]
+    assert record["total"]["flops"] == pytest.approx(2 * n * 2 * sequence_tokens + 6 * n * sum(batches))
+    by_step = {c["step"]: c for c in record["checkpoints"]}
+    assert by_step[2]["trained_tokens"] == sum(batches[:2])  # save_steps 2
+    assert 0 < by_step[2]["wall_seconds"] < record["total"]["wall_seconds"]
+    points = result["points"]["forks"]
+    movement = json.loads((root / "evals" / "forks" / "seed=0" / "scale=1" / "movement.json").read_text())
+    assert points[-1]["fork_shifted"] == movement["fork"]["shifted"] is not None
+    assert points[-1]["kl_share_top20_entropy"] == movement["kl_share_top20_entropy"] is not None
+    assert [p["flops"] for p in points][-1] == pytest.approx(record["total"]["flops"])
+    # every arm of the seed is evaluated on the same held-out problems and the same base samples
+    assert {tuple(sorted(p["per_problem_delta"])) for ps in result["points"].values() for p in ps} .__len__() == 1
+    assert (root / "seeds" / "seed=0" / "eval_samples" / "base_samples.jsonl").exists()
+
+    # a rerun redoes nothing
+    calls = []
+    monkeypatch.setattr(compare_module, "_eval_point", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(compare_module, "_run_pipeline", lambda *a, **k: calls.append(1))
+    assert train_main(args) == 0
+    assert calls == []
+    assert json.loads((root / "compare.json").read_text())["curves"] == result["curves"]
