@@ -334,11 +334,24 @@ class Pipeline:
         )
         start = time.perf_counter()
         summary = train_adapter(trainer, self.run_dir, self.cfg)
-        if dist.is_main() and getattr(self.cfg, "method", "offline") == "offline":
+        if dist.is_main():
             write_offline_compute(self.run_dir, self.cfg, base_parameter_count(model),
                                   train_seconds=time.perf_counter() - start, final_step=summary["steps"],
                                   trained_tokens=summary["trained_tokens"])
         return summary
+
+    def _train_sampling(self) -> dict[str, Any]:
+        """Method grpo/online: the trainer samples the training problems itself."""
+        from .stages.grpo import build_grpo_trainer, train_grpo
+
+        model, tokenizer = self.model_and_tokenizer()
+        heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None
+        trainer = build_grpo_trainer(
+            self.cfg, model, tokenizer, self.problems("train"), self.run_dir,
+            report_to=self.tracker.trainer_report_to if self.tracker else "none", progress=self.progress,
+            heldout=heldout, reward=self._reward,
+        )
+        return train_grpo(trainer, self.run_dir, self.cfg)
 
 
 COMPUTE_FILE = "compute.json"
@@ -398,20 +411,6 @@ def write_offline_compute(run_dir: Path, cfg: Config, n_params: int, **kwargs: A
     record = offline_compute(run_dir, cfg, n_params, **kwargs)
     atomic_write_json(run_dir / COMPUTE_FILE, record)
     return record
-
-    def _train_sampling(self) -> dict[str, Any]:
-        """Method grpo/online: the trainer samples the training problems itself."""
-        from .stages.grpo import build_grpo_trainer, train_grpo
-
-        model, tokenizer = self.model_and_tokenizer()
-        heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None
-        trainer = build_grpo_trainer(
-            self.cfg, model, tokenizer, self.problems("train"), self.run_dir,
-            report_to=self.tracker.trainer_report_to if self.tracker else "none", progress=self.progress,
-            heldout=heldout, reward=self._reward,
-        )
-        return train_grpo(trainer, self.run_dir, self.cfg)
-
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any], *, show: int = 3) -> str:
     """``a.b: old -> new`` for the first ``show`` keys whose values differ."""
