@@ -21,7 +21,7 @@ def test_demo_config_loads_and_matches_the_pilot():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert isinstance(cfg, Config)
     assert cfg.model.name_or_path == "smollm2-135m-instruct"
-    assert cfg.gate.mode == "threshold" and cfg.gate.tau == 1.4
+    assert cfg.gate.mode == "threshold" and cfg.gate.tau == 2.2 and cfg.entropy_temperature == 1.0
     assert cfg.training["learning_rate"] == 2e-4 and cfg.training["max_steps"] == 40
     assert cfg.training["use_cpu"] is True and cfg.training["bf16"] is False  # no GPU in tests
 

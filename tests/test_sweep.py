@@ -198,12 +198,13 @@ def test_shipped_seed_sweep_shares_stages_per_seed():
     assert len(points) == 9
     assert {(c.seed, c.gate.mode) for _, c in points} == {(s, m) for s in (0, 1, 2) for m in ("threshold", "random",
                                                                                              "all")}
-    assert all(c.gate.tau == 1.4 and c.gate.reference == "threshold" for _, c in points)
+    assert all(c.gate.tau == 2.2 and c.gate.reference == "threshold" for _, c in points)
     shared = shared_stage_configs(demo, ["--output_dir", "runs/x"], spec, points)
     assert {s: c.output_dir for s, c in shared.items()} == {0: "runs/x", 1: "runs/x/seeds/seed=1",
                                                             2: "runs/x/seeds/seed=2"}
     # The sweep's constants reach the shared stages; seed is each folder's own.
     assert all(c.seed == s and not c.eval.greedy for s, c in shared.items())
+    assert all(c.training["max_steps"] == 30 and c.eval.num_samples == 4 for _, c in points)
 
 
 def test_agent_points_of_different_seeds_get_their_own_folders(tmp_path, monkeypatch):
