@@ -387,4 +387,4 @@ def test_plan_lists_seeds_and_points_without_doing_anything(tmp_path, capsys):
     assert len(lines) == 13 and all(ln.endswith("to train and evaluate") for ln in lines[4:])
     assert not out_dir.exists()
     assert train_main(["--config", str(ROOT / "configs" / "demo.yaml"), "--plan"]) == 2
-    assert "--plan prints the points of a sweep" in capsys.readouterr().err
+    assert "--plan prints what a sweep or comparison would do" in capsys.readouterr().err
