@@ -55,7 +55,7 @@ def test_shipped_sweeps_validate_against_the_demo():
     tau = sweep_configs(demo, [], load_sweep(ROOT / "configs" / "sweeps" / "tau.yaml"))
     assert len(tau) == 12
     assert {(c.gate.mode, c.gate.tau) for _, c in tau} == {(m, t) for m in ("threshold", "random", "all")
-                                                          for t in (1.0, 1.4, 1.8, 2.2)}
+                                                          for t in (1.4, 1.8, 2.2, 2.6)}
     rho = sweep_configs(demo, [], load_sweep(ROOT / "configs" / "sweeps" / "rho.yaml"))
     assert [c.gate.quantile for _, c in rho] == [0.05, 0.1, 0.2, 0.4]
     assert all(c.gate.mode == "quantile" for _, c in rho)

@@ -246,7 +246,7 @@ class GateConfig:
         "For mode random: the entropy gate whose per-sequence fork counts the random gate matches.",
         default="threshold",
     )
-    tau: float = _help("Entropy threshold in nats (paper: 1.4; swept 1.0-2.2).", default=1.4)
+    tau: float = _help("Entropy threshold in nats (paper: 1.4; the demo: 2.2).", default=1.4)
     tau_pos: float | None = _help(
         "Threshold for correct (advantage > 0) rollouts, mode threshold (and random's reference); null: tau.",
         default=None)
