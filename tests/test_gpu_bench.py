@@ -72,3 +72,16 @@ def test_sections_subset_and_a_bad_name(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: --sections: unknown kernals; choose from "
                                                "env, kernels, step, scoring, rollouts, e2e"]
+
+
+def test_smoke_run_measures_everything_however_slow_the_cpu(tmp_path, monkeypatch, capsys):
+    """The budgets bound the GPU run; on CPU (the smoke run) a section past its budget still
+    measures every figure: with every budget at 0 s, the step section prints all its figures."""
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "BUDGET_S", {name: 0 for name in bench.BUDGET_S})
+    report = bench.Report(tmp_path / "g.json")
+    plan = bench.Plan.smoke()
+    bench.run(plan, ("step",), report)
+    expected = bench.expected_keys(plan, ("step",))
+    assert [k for k in expected if k not in report.figures] == []
+    assert report.sections["step"]["status"] == "pass" and report.skipped == []
