@@ -27,3 +27,16 @@ def test_ledger_accumulates_and_round_trips():
 def test_negative_counts_are_refused():
     with pytest.raises(ValueError, match="forward_tokens=-1"):
         model_flops(1, forward_tokens=-1)
+
+
+def test_base_parameter_count_leaves_lora_out_and_counts_a_tied_tensor_once(tiny_model_dir):
+    import peft
+
+    from reasonmaxxer.models.loading import load_model
+    from reasonmaxxer.utils.flops import base_parameter_count
+
+    model = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    by_hand = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert base_parameter_count(model) == by_hand
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert base_parameter_count(wrapped) == by_hand

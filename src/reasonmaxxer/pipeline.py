@@ -24,7 +24,7 @@ from .data.sources import load_problems
 from .errors import ConfigError, DataError
 from .tracking import Tracker, redact
 from .utils import distributed as dist
-from .utils.flops import ComputeLedger
+from .utils.flops import ComputeLedger, base_parameter_count
 from .utils.storage import (
     atomic_write_json,
     atomic_write_text,
@@ -356,11 +356,6 @@ class Pipeline:
 
 COMPUTE_FILE = "compute.json"
 UPFRONT_STAGES = ("problems", "rollouts", "scoring", "selection")
-
-
-def base_parameter_count(model: Any) -> int:
-    """N of the FLOPs rule: the base's parameters (each shared tensor once), LoRA's left out."""
-    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
 
 
 def _sequence_tokens(rollouts_path: Path) -> int:

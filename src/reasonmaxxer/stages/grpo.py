@@ -18,6 +18,7 @@ from ..config import Config, DataConfig, grpo_arguments
 from ..data.problem import Problem
 from ..data.prompts import user_message
 from ..errors import ConfigError
+from ..utils.flops import base_parameter_count
 from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, run_name
 from .online import ComputeCountingGRPOTrainer, OnlineGatedTrainer
@@ -93,7 +94,7 @@ def build_grpo_trainer(
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     reward = reward if reward is not None else RolloutReward.from_config(cfg)
-    n_params = sum(p.numel() for p in model.parameters())  # the base's, before LoRA is added
+    n_params = base_parameter_count(model)
     model.train()
     common: dict[str, Any] = dict(
         model=model, reward_funcs=[VerifierReward(reward)], args=args,

@@ -22,6 +22,11 @@ FORWARD_FLOPS_PER_PARAM = 2
 TRAIN_FLOPS_PER_PARAM = 6
 
 
+def base_parameter_count(model: Any) -> int:
+    """N of the rule: the base model's parameters (a tied tensor once), LoRA's left out."""
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+
+
 def model_flops(n_params: int, *, forward_tokens: int = 0, trained_tokens: int = 0) -> float:
     """``2·N·forward_tokens + 6·N·trained_tokens``."""
     if n_params < 0 or forward_tokens < 0 or trained_tokens < 0:
