@@ -85,3 +85,21 @@ def count_device_reads(monkeypatch) -> list[tuple[str, str]]:
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     return reads
+
+
+def wandb_runs_containing(wandb_dir: str | Path, needle: bytes, timeout: float = 60.0) -> list[bytes]:
+    """The ``.wandb`` files under ``wandb_dir`` whose bytes contain ``needle``.
+
+    W&B's service process writes an offline run's file after ``run.finish()`` has returned
+    to the caller in some versions (a CI run read a file that still held only its 7-byte
+    header), so this polls until a file has the needle or ``timeout`` seconds pass.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [f.read_bytes() for f in Path(wandb_dir).glob("offline-run-*/run-*.wandb")]
+        found = [data for data in found if needle in data]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
