@@ -204,25 +204,33 @@ def test_shipped_seed_sweep_shares_stages_per_seed():
                                                             2: "runs/x/seeds/seed=2"}
     # The sweep's constants reach the shared stages; seed is each folder's own.
     assert all(c.seed == s and not c.eval.greedy for s, c in shared.items())
-    assert all(c.training["max_steps"] == 30 and c.eval.num_samples == 4 for _, c in points)
+    assert all(c.training["max_steps"] == 20 and c.eval.num_samples == 3 and c.eval.movement_rollouts == 32
+               for _, c in points)
 
 
-def test_shipped_tau_seed_sweep_reuses_the_seed_ablations_shared_stages():
-    """demo_tau_seeds adds tau 1.4 and 3.0 to demo_seeds' tau 2.2 rows: the same seeds, settings and
-    shared stages (so it reuses their rollouts, scoring and the base's eval samples)."""
+def test_shipped_tau_seed_sweep_reuses_the_seed_ablations_rollouts():
+    """demo_tau_seeds runs tau 1.4, 2.2 and 3.0 at demo_seeds' seeds with the README's tau-table sizing;
+    its problems, rollouts, scoring and selection are demo_seeds' (same folders, same fingerprints)."""
+    from reasonmaxxer.pipeline import Pipeline
     from reasonmaxxer.sweep import shared_stage_configs
 
     demo = str(ROOT / "configs" / "demo.yaml")
     seeds_spec = load_sweep(ROOT / "configs" / "sweeps" / "demo_seeds.yaml")
     tau_spec = load_sweep(ROOT / "configs" / "sweeps" / "demo_tau_seeds.yaml")
     tau_points = sweep_configs(demo, [], tau_spec)
-    assert {(c.gate.tau, c.seed) for _, c in tau_points} == {(t, s) for t in (1.4, 3.0) for s in (0, 1, 2)}
+    assert {(c.gate.tau, c.seed) for _, c in tau_points} == {(t, s) for t in (1.4, 2.2, 3.0) for s in (0, 1, 2)}
     assert all(c.gate.mode == "threshold" and c.training["max_steps"] == 30 and c.eval.num_samples == 4
-               and not c.eval.greedy for _, c in tau_points)
+               and c.eval.movement_rollouts == 64 and not c.eval.greedy for _, c in tau_points)
     out = ["--output_dir", "runs/x"]
     mine = shared_stage_configs(demo, out, tau_spec, tau_points)
     theirs = shared_stage_configs(demo, out, seeds_spec, sweep_configs(demo, [], seeds_spec))
-    assert {s: c.to_dict() for s, c in mine.items()} == {s: c.to_dict() for s, c in theirs.items()}
+    assert {s: c.output_dir for s, c in mine.items()} == {s: c.output_dir for s, c in theirs.items()}
+    shared = ("problems", "rollouts", "scoring", "selection")
+    for s in (0, 1, 2):
+        a, b = Pipeline(mine[s]).fingerprints(), Pipeline(theirs[s]).fingerprints()
+        assert {k: a[k] for k in shared} == {k: b[k] for k in shared}
+    # ... while the eval settings differ, so each sweep keeps its own base eval samples.
+    assert mine[0].eval.num_samples != theirs[0].eval.num_samples
 
 
 def test_agent_points_of_different_seeds_get_their_own_folders(tmp_path, monkeypatch):
