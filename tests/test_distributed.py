@@ -110,3 +110,47 @@ def _base_heldout_tokens(model_dir: Path, run: Path) -> float:
                            seed=step_seed(cfg.seed, 0))
     tokens = [n for p in found.values() for n in p["tokens"]]
     return sum(tokens) / len(tokens)
+
+
+@pytest.mark.parametrize("quantile", ["0.3"])
+def test_online_trainer_under_torchrun_gates_and_advantages_over_both_processes(tiny_model_dir, tmp_path, quantile):
+    """method online with two processes: every micro-batch's quantile cut is the one over both
+    processes' completion tokens, each process's advantages are its slice of the group advantages
+    of the rewards gathered over both, and the compute totals are summed over both."""
+    from reasonmaxxer.core.advantages import group_advantages
+
+    _torchrun(WORKERS / "online_steps.py", str(tiny_model_dir), str(tmp_path), quantile)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [2, 2]
+
+    calls = [r["gate_calls"] for r in ranks]
+    assert len(calls[0]) == len(calls[1]) >= 2
+    for ours, theirs in zip(*calls):  # the same micro-batch on both processes
+        width = max(ours["mask"].shape[1], theirs["mask"].shape[1])
+
+        def pad(t, value=0):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        entropy = torch.cat([pad(ours["entropy"]), pad(theirs["entropy"])])
+        mask = torch.cat([pad(ours["mask"]), pad(theirs["mask"])])
+        together = fork_mask(entropy, mask, mode="quantile", quantile=float(quantile))
+        rows = ours["mask"].shape[0]
+        assert torch.equal(pad(ours["forks"], False), together[:rows])
+        assert torch.equal(pad(theirs["forks"], False), together[rows:])
+    # Each process alone would cut at its own quantile; on these batches that differs somewhere.
+    assert any(not torch.equal(fork_mask(c["entropy"], c["mask"], mode="quantile", quantile=float(quantile)),
+                               c["forks"]) for r in calls for c in r)
+
+    gens = [r["generations"] for r in ranks]
+    assert len(gens[0]) == len(gens[1]) >= 1
+    n = ranks[0]["num_generations"]
+    for ours, theirs in zip(*gens):
+        assert torch.equal(ours["rewards"], theirs["rewards"])  # gathered: the same on both
+        groups = ours["rewards"].sum(dim=1).float().view(-1, n)
+        expected = torch.cat([group_advantages(g, 2.5) for g in groups])
+        assert torch.allclose(torch.cat([ours["advantages"], theirs["advantages"]]), expected)
+
+    tokens = [{k: r["compute"][k] for k in ("forward_tokens", "trained_tokens", "flops")} for r in ranks]
+    assert tokens[0] == tokens[1]  # summed over processes (wall seconds are each process's own)
+    completion_tokens = sum(int(c["mask"].sum()) for r in calls for c in r)
+    assert ranks[0]["compute"]["trained_tokens"] > completion_tokens  # prompts + completions, both processes
