@@ -120,6 +120,28 @@ def test_points_that_differ_only_in_seed_form_one_group():
     assert lo <= threshold["delta_pass_at_1"] <= hi and lo < hi
 
 
+def test_paired_differences_pair_by_seed_and_problem():
+    from reasonmaxxer.evaluation.ablation import paired_differences
+
+    gate_a = {0: {"p1": 0.5, "p2": 0.0, "p3": 0.25}, 1: {"q1": 1.0, "q2": -0.5}, 2: {"r1": 0.75}}
+    gate_b = {0: {"p3": 0.0, "p1": 0.25, "p2": 0.5}, 1: {"q2": -0.25, "q1": 0.5, "q9": 1.0}}  # no seed 2
+    rows = [_row({"gate.mode": "threshold", "seed": s}, d, kl=0.1) for s, d in gate_a.items()]
+    rows += [_row({"gate.mode": "random", "seed": s}, d, kl=0.1) for s, d in gate_b.items()]
+    (diff,) = paired_differences(rows, resamples=400, seed=0)
+    assert (diff["a"], diff["b"], diff["seeds"]) == ("mode=threshold", "mode=random", [0, 1])
+    # By hand: only problems both gates answered, in the seeds both ran (q9 and seed 2 drop out).
+    by_seed = [[0.5 - 0.25, 0.0 - 0.5, 0.25 - 0.0], [1.0 - 0.5, -0.5 + 0.25]]
+    assert diff["problems"] == 5
+    assert diff["delta_pass_at_1"] == pytest.approx(np.mean([np.mean(d) for d in by_seed]))
+    lo, hi = diff["delta_ci95"]
+    assert lo <= diff["delta_pass_at_1"] <= hi and lo < hi
+    # A constant per-problem difference gives a point interval, whatever each gate's own spread.
+    shifted = [_row({"gate.mode": "random", "seed": s}, {p: v - 0.125 for p, v in d.items()}, kl=0.1)
+               for s, d in gate_a.items()]
+    (same,) = paired_differences(rows[:3] + shifted, resamples=400, seed=0)
+    assert same["delta_pass_at_1"] == pytest.approx(0.125) and same["delta_ci95"] == pytest.approx([0.125, 0.125])
+
+
 def test_a_group_of_one_seed_keeps_the_paired_interval_over_problems():
     from reasonmaxxer.evaluation.ablation import group_over_seeds
 

@@ -349,7 +349,7 @@ def sweep_plan(config_path: str | None, overrides: list[str], sweep_path: str) -
 
 def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, progress: bool = True) -> Path:
     """Run every point of a grid sweep locally; write ablation.{json,md,png} and return its folder."""
-    from .evaluation.ablation import group_over_seeds, write_ablation
+    from .evaluation.ablation import group_over_seeds, paired_differences, write_ablation
 
     spec = load_sweep(sweep_path)
     points = sweep_configs(config_path, overrides, spec)  # validates every point first
@@ -370,9 +370,10 @@ def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, pr
         shared_dirs = {seed: Path(cfg.output_dir) for seed, cfg in shared.items()}
         rows = _run_points(spec, points, base_dir, shared_dirs, progress)
         groups = group_over_seeds(rows, resamples=base_cfg.eval.bootstrap, seed=base_cfg.seed)
+        paired = paired_differences(rows, resamples=base_cfg.eval.bootstrap, seed=base_cfg.seed)
         sweep_dir = base_dir / "sweeps" / spec.name
-        atomic_write_json(sweep_dir / "ablation.json", {"groups": groups, "points": rows})
-        write_ablation(sweep_dir, spec.name, groups)
+        atomic_write_json(sweep_dir / "ablation.json", {"groups": groups, "paired": paired, "points": rows})
+        write_ablation(sweep_dir, spec.name, groups, paired)
     if base_cfg.tracking.report_to == "wandb":
         from .tracking import Tracker
 
