@@ -120,3 +120,36 @@ def test_group_advantages_are_per_prompt_group():
     want = (first - first.mean()) / first.std(unbiased=False)
     torch.testing.assert_close(got[:4], want.clamp(-2.5, 2.5))
     assert torch.equal(got[4:], torch.zeros(4))  # all equal: nothing to contrast
+
+
+def test_compute_counts_continue_across_a_resumed_run(tiny_model_dir, tmp_path, monkeypatch):
+    """Killed after checkpoint 2 and resumed: compute.json = checkpoint 2's totals + what step 3 trained,
+    and the checkpoint entries of both runs are kept in order."""
+    import json
+
+    trained: list[tuple[int, int]] = []  # (step being trained, non-padding positions) per micro-batch
+    compute_loss = OnlineGatedTrainer.compute_loss
+
+    def counting(self, model, inputs, *args, **kwargs):
+        trained.append((self.state.global_step + 1, int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineGatedTrainer, "compute_loss", counting)
+    steps = ["--training.max_steps", "3", "--training.save_steps", "1"]
+    first, _ = _online_trainer(tiny_model_dir, tmp_path, *steps)
+    first.train()
+    at_2 = json.loads((tmp_path / "checkpoints" / "checkpoint-2" / "compute.json").read_text())
+    assert at_2["total"]["trained_tokens"] == sum(n for s, n in trained if s <= 2)
+    assert [c["step"] for c in at_2["checkpoints"]] == [1, 2]
+
+    trained.clear()
+    second, _ = _online_trainer(tiny_model_dir, tmp_path, *steps)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoints" / "checkpoint-2"))
+    assert {s for s, _ in trained} == {3}  # only the step after the checkpoint ran again
+    totals = second.write_compute()
+    assert totals.trained_tokens == at_2["total"]["trained_tokens"] + sum(n for _, n in trained)
+    assert totals.forward_tokens > at_2["total"]["forward_tokens"]
+    assert totals.wall_seconds > at_2["total"]["wall_seconds"]
+    record = json.loads((tmp_path / "compute.json").read_text())
+    assert [c["step"] for c in record["checkpoints"]] == [1, 2, 3]
+    assert record["checkpoints"][:2] == at_2["checkpoints"]
