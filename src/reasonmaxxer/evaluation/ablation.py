@@ -51,15 +51,15 @@ def paired_differences(rows: list[dict[str, Any]], *, resamples: int, seed: int)
     Within each seed both groups answered the same held-out problems, so the difference
     is taken per problem (a's per-problem delta minus b's) over the problems both have;
     the mean is over the seeds both groups ran, with a hierarchical bootstrap interval
-    (seeds, then problems) as for a single group. Far tighter than comparing two groups'
-    separate intervals, since the problems' difficulty cancels.
+    (seeds, then problems) as for a single group. The problems' difficulty cancels; the
+    spread between seeds still counts.
     """
     groups: dict[str, dict[Any, dict[str, float]]] = {}
     labels: dict[str, str] = {}
     varying = _varying_keys([r["point"] for r in rows])
     for r in rows:
         key = group_key(r["point"])
-        labels.setdefault(key, ", ".join(f"{k.split('.')[-1]}={r['point'].get(k)}" for k in varying) or "base config")
+        labels.setdefault(key, _label(r["point"], varying))
         if r.get("per_problem_delta") and r.get("delta_pass_at_1") is not None:
             groups.setdefault(key, {}).setdefault(_seed_of(r), r["per_problem_delta"])
     keys = list(groups)
@@ -74,6 +74,11 @@ def paired_differences(rows: list[dict[str, Any]], *, resamples: int, seed: int)
             out.append({"a": labels[a], "b": labels[b], "seeds": seeds, "delta_pass_at_1": boot["mean"],
                         "delta_ci95": boot["ci95"], "problems": sum(len(d) for d in per_seed)})
     return out
+
+
+def _label(point: dict[str, Any], varying: list[str]) -> str:
+    """A group's name: the parameters that vary in the sweep, by their last dotted part."""
+    return ", ".join(f"{k.split('.')[-1]}={point.get(k)}" for k in varying) or "base config"
 
 
 def _seed_of(row: dict[str, Any]) -> Any:
@@ -93,7 +98,7 @@ def _mean(values: list[Any]) -> float | None:
 
 def _aggregate(members: list[dict[str, Any]], varying: list[str], *, resamples: int, seed: int) -> dict[str, Any]:
     point = {k: v for k, v in members[0]["point"].items() if k != SEED_KEY}
-    label = ", ".join(f"{k.split('.')[-1]}={point.get(k)}" for k in varying) or "base config"
+    label = _label(point, varying)
     measured = [m for m in members if m["delta_pass_at_1"] is not None]
     if len(measured) > 1:
         boot = hierarchical_bootstrap_delta([list(m["per_problem_delta"].values()) for m in measured],
