@@ -124,9 +124,12 @@ def test_paired_differences_pair_by_seed_and_problem():
     from reasonmaxxer.evaluation.ablation import paired_differences
 
     gate_a = {0: {"p1": 0.5, "p2": 0.0, "p3": 0.25}, 1: {"q1": 1.0, "q2": -0.5}, 2: {"r1": 0.75}}
-    gate_b = {0: {"p3": 0.0, "p1": 0.25, "p2": 0.5}, 1: {"q2": -0.25, "q1": 0.5, "q9": 1.0}}  # no seed 2
+    gate_b = {0: {"p3": 0.0, "p1": 0.25, "p2": 0.5}, 1: {"q2": -0.25, "q1": 0.5, "q9": 1.0},  # no seed 2
+              3: {"s1": 0.5}}  # seed 3: no problem in common with gate_a (which has no seed 3 either)
     rows = [_row({"gate.mode": "threshold", "seed": s}, d, kl=0.1) for s, d in gate_a.items()]
     rows += [_row({"gate.mode": "random", "seed": s}, d, kl=0.1) for s, d in gate_b.items()]
+    rows.append(_row({"gate.mode": "threshold", "seed": 4}, {"t1": 0.5}, kl=0.1))
+    rows.append(_row({"gate.mode": "random", "seed": 4}, {"u1": 0.0}, kl=0.1))  # seed 4: no common problem
     (diff,) = paired_differences(rows, resamples=400, seed=0)
     assert (diff["a"], diff["b"], diff["seeds"]) == ("mode=threshold", "mode=random", [0, 1])
     # By hand: only problems both gates answered, in the seeds both ran (q9 and seed 2 drop out).
@@ -138,7 +141,8 @@ def test_paired_differences_pair_by_seed_and_problem():
     # A constant per-problem difference gives a point interval, whatever each gate's own spread.
     shifted = [_row({"gate.mode": "random", "seed": s}, {p: v - 0.125 for p, v in d.items()}, kl=0.1)
                for s, d in gate_a.items()]
-    (same,) = paired_differences(rows[:3] + shifted, resamples=400, seed=0)
+    (same,) = paired_differences([r for r in rows if r["point"]["gate.mode"] == "threshold" and r["seed"] < 3]
+                                 + shifted, resamples=400, seed=0)
     assert same["delta_pass_at_1"] == pytest.approx(0.125) and same["delta_ci95"] == pytest.approx([0.125, 0.125])
 
 

@@ -66,8 +66,10 @@ def paired_differences(rows: list[dict[str, Any]], *, resamples: int, seed: int)
     out = []
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
-            seeds = [s for s in groups[a] if s in groups[b]]
-            per_seed = [[groups[a][s][p] - groups[b][s][p] for p in groups[a][s] if p in groups[b][s]] for s in seeds]
+            both = {s: [groups[a][s][p] - groups[b][s][p] for p in groups[a][s] if p in groups[b][s]]
+                    for s in groups[a] if s in groups[b]}
+            seeds = [s for s, d in both.items() if d]  # a seed whose problems differ pairs nothing
+            per_seed = [both[s] for s in seeds]
             boot = hierarchical_bootstrap_delta(per_seed, resamples=resamples, seed=seed)
             if boot["mean"] is None:
                 continue
