@@ -50,12 +50,15 @@ FAIR_KEYS = ("seed", "output_dir", "scoring.entropy_temperature", "training.max_
 FAIR_LEAVES = ("temperature", "top_p", "max_new_tokens", "max_completion_length")
 """Sampling settings (in any section: rollout, an RL method's own): every arm samples alike."""
 
-# Seconds per sample on 2 CPU cores for SmolLM2-135M (README: rollouts 269 s for 384 samples
-# of <= 128 new tokens, scoring 150 s, training 257 s for 40 steps of 8, eval ~240 s for
-# 40 problems x 8 samples x 2 models), scaled by N / 135M and by tokens.
+# Seconds per sample on 2 CPU cores for SmolLM2-135M at about 100 tokens per sample, measured:
+# the demo (rollouts 269 s for 384 samples, scoring 150 s, training 257 s for 40 steps of 8) and
+# the demo comparison (per sample of an RL step, generation and update together: grpo 685 s for
+# 224 samples, grpo-80-20 571 s for 224, online 547 s for 176; one evaluation of 96 samples and
+# the movement pass on 32 base rollouts about 80 s). Scaled by N / 135M and by tokens / 100.
 DEMO_N = 134_515_008
-DEMO_SECONDS_PER_SAMPLE = {"rollout": 269 / 384, "scoring": 150 / 384, "training": 257 / 320, "eval": 240 / 640}
-DEMO_NEW_TOKENS = 128
+DEMO_SECONDS_PER_SAMPLE = {"rollout": 269 / 384, "scoring": 150 / 384, "training": 257 / 320,
+                           "grpo": (685 + 571) / 448, "online": 547 / 176, "eval": 0.7, "movement": 0.4}
+DEMO_TOKENS_PER_SAMPLE = 100
 
 
 @dataclasses.dataclass
@@ -340,13 +343,15 @@ def offline_scales(spec: CompareSpec, cfg: Config, n_params: int, tokens: int) -
 
 def _seconds_estimate(spec: CompareSpec, runs: list[ArmRun], n_params: int, tokens: int) -> dict[str, float]:
     """From the demo's 2-CPU-core timings, scaled by N and by tokens per sample (a GPU is far faster)."""
-    size = n_params / DEMO_N * tokens / (DEMO_NEW_TOKENS + 64)
+    size = n_params / DEMO_N * tokens / DEMO_TOKENS_PER_SAMPLE
     rate = {k: v * size for k, v in DEMO_SECONDS_PER_SAMPLE.items()}
     out = {"shared stages": 0.0, "training": 0.0, "eval": 0.0}
     shared_seen = set()
     base = base_config(spec, [])
     eval_problems = min(base.data.num_heldout, base.eval.max_problems or base.data.num_heldout)
-    eval_samples = eval_problems * base.eval.num_samples * (1 + base.eval.greedy)
+    # one evaluated point: the adapter's samples, and the movement pass (both models) on the base rollouts
+    one_eval = (eval_problems * base.eval.num_samples * (1 + base.eval.greedy) * rate["eval"]
+                + base.eval.movement_rollouts * rate["movement"])
     for ar in runs:
         for label, scale, cfg in ar.runs:
             if ar.method == OFFLINE:
@@ -355,13 +360,13 @@ def _seconds_estimate(spec: CompareSpec, runs: list[ArmRun], n_params: int, toke
                     shared_seen.add((ar.seed, scale))
                     out["shared stages"] += samples * (rate["rollout"] + rate["scoring"])
                 out["training"] += int(cfg.training["max_steps"]) * samples_per_step(cfg) * rate["training"]
-                out["eval"] += eval_samples * rate["eval"]
+                out["eval"] += one_eval
             else:
-                per_step = samples_per_step(cfg) * (rate["rollout"] + rate["training"]
-                                                     + (rate["scoring"] if ar.method == "online" else 0))
-                out["training"] += int(cfg.training["max_steps"]) * per_step
-                out["eval"] += len(spec.checkpoints) * eval_samples * rate["eval"]
-    out["eval"] += len(spec.seeds) * eval_samples * rate["eval"]  # the base's samples, once per seed
+                rl_rate = rate["online"] if ar.method == "online" else rate["grpo"]
+                out["training"] += int(cfg.training["max_steps"]) * samples_per_step(cfg) * rl_rate
+                out["eval"] += len(spec.checkpoints) * one_eval
+    # the base's samples and its movement rollouts, once per seed
+    out["eval"] += len(spec.seeds) * (one_eval + base.eval.movement_rollouts * rate["eval"])
     return out
 
 
