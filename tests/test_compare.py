@@ -191,3 +191,62 @@ def test_compare_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, monkeypat
     assert train_main(args) == 0
     assert calls == []
     assert json.loads((root / "compare.json").read_text())["curves"] == result["curves"]
+
+
+@pytest.mark.slow
+def test_compare_with_a_grpo_arm_resumes_and_refuses_changed_settings(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       mixed_verify, capsys):
+    """An RL arm is trained once, evaluated at its checkpoints, reused by a rerun; a point or run made
+    with other settings stops the compare with one line instead of being reused."""
+    from reasonmaxxer import compare as compare_module
+    from reasonmaxxer.cli import train_main
+    from reasonmaxxer.models.loading import load_model
+
+    n_params = sum(p.numel() for p in load_model(str(tiny_model_dir), dtype="float32", device="cpu").parameters())
+    # 4 steps of 4 samples at the estimate's 40 tokens each (8N per token: generated and trained)
+    budget = 4 * 8 * n_params * 4 * 40
+    path = _compare_file(tmp_path, name="t", budget=budget, seeds=[0], checkpoints=[0.5, 1.0], offline_scales=[1],
+                         tokens_per_sample=40,
+                         arms=[{"name": "forks"}, {"name": "grpo", "overrides": {
+                             "method": "grpo", "grpo.gradient_checkpointing": False}}])
+    args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--rollout.max_new_tokens", "8", "--eval.num_samples", "2", "--eval.bootstrap", "100",
+            "--eval.movement_rollouts", "4", "--eval.greedy", "false", "--compare", str(path)]
+    assert train_main(args) == 0
+    root = tmp_path / "run" / "compare" / "t"
+    result = json.loads((root / "compare.json").read_text())
+    run_dir = root / "runs" / "grpo" / "seed=0"
+    record = json.loads((run_dir / "compute.json").read_text())
+    assert [c["step"] for c in record["checkpoints"]] == [1, 2, 3, 4]  # save_steps: 4 steps // (2 x 2 fractions)
+    grpo_points = result["points"]["grpo"]
+    assert grpo_points and all(p["method"] == "grpo" and p["fingerprint"] for p in grpo_points)
+    by_step = {c["step"]: c["flops"] for c in record["checkpoints"]}
+    for p in grpo_points:  # each point is the checkpoint nearest its fraction of the budget
+        assert p["flops"] == by_step[p["step"]]
+        assert abs(p["flops"] - p["fraction"] * budget) == min(abs(f - p["fraction"] * budget)
+                                                              for f in by_step.values())
+    assert "| grpo |" in (root / "compare.md").read_text()
+
+    # a rerun trains and evaluates nothing
+    calls = []
+    real_eval, real_pipeline = compare_module._eval_point, compare_module._run_pipeline
+    monkeypatch.setattr(compare_module, "_eval_point", lambda *a, **k: calls.append("eval"))
+    monkeypatch.setattr(compare_module, "_run_pipeline", lambda *a, **k: calls.append("run"))
+    assert train_main(args) == 0 and calls == []
+    monkeypatch.setattr(compare_module, "_eval_point", real_eval)
+    monkeypatch.setattr(compare_module, "_run_pipeline", real_pipeline)
+    capsys.readouterr()
+
+    # evaluated otherwise: the finished offline point is not reused
+    changed_eval = [a if a != "2" or args[i - 1] != "--eval.num_samples" else "3" for i, a in enumerate(args)]
+    assert train_main(changed_eval) == 2
+    err = capsys.readouterr().err.strip()
+    point = root / "points" / "forks" / "seed=0" / "scale=1.json"
+    assert err.count("\n") == 0 and f"'{point}' was made with other settings" in err
+
+    # another budget: the GRPO run would train other steps; its folder is not silently reused
+    (path.write_text(path.read_text().replace(f"budget: {budget}", f"budget: {2 * budget}")))
+    assert f"budget: {2 * budget}" in path.read_text()
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"'{run_dir}' holds a run made with a different config" in err
+    assert "max_steps" in err

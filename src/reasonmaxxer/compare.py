@@ -18,7 +18,9 @@ sampling temperature and evaluation (overrides of those are refused).
 
 Every point is evaluated on the seed's held-out problems (the base's samples drawn once
 per seed and shared) and its movement measured on the same base rollouts at the same
-forks. Results go to ``<output_dir>/compare/<name>/``; a finished point is never redone.
+forks. Results go to ``<output_dir>/compare/<name>/``; a finished point is never redone, and
+one made with other settings (its run's training, the evaluation, the budget) stops the
+compare with an error instead of being reused.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .config import Config, load_config, read_yaml
 from .errors import ConfigError, UserError
 from .sweep import _run_shared_stages, link_shared_stages, point_args
 from .utils.lock import hold_folder
-from .utils.storage import atomic_write_json, read_json
+from .utils.storage import atomic_write_json, fingerprint, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ SHARED_STAGES = ("problems", "rollouts", "scoring", "selection")
 FAIR_SECTIONS = ("model", "data", "reward", "lora", "eval")
 """Arms may not override these sections: every arm trains the same LoRA on the same problems and verifier."""
 FAIR_KEYS = ("seed", "output_dir", "scoring.entropy_temperature", "training.max_steps", "training.num_train_epochs",
-             "training.save_steps", "training.save_strategy")
+             "training.save_steps", "training.save_strategy", "training.save_total_limit")
 FAIR_LEAVES = ("temperature", "top_p", "max_new_tokens", "max_completion_length")
 """Sampling settings (in any section: rollout, an RL method's own): every arm samples alike."""
 
@@ -322,8 +324,11 @@ def plan_runs(spec: CompareSpec, cli_overrides: list[str], n_params: int) -> lis
             else:
                 steps = max(1, math.ceil(spec.budget / rl_step_flops_estimate(cfg, n_params, tokens)))
                 save = max(1, steps // (2 * len(spec.checkpoints)))
+                # every checkpoint kept (the default keeps the last 2): the points are the ones nearest
+                # each fraction of the budget, early ones included
                 run = _load(spec, cli_overrides, arm.overrides, {"seed": seed, "training.max_steps": steps,
-                                                                 "training.save_steps": save})
+                                                                 "training.save_steps": save,
+                                                                 "training.save_total_limit": None})
                 run.output_dir = str(root / "runs" / arm.name / f"seed={seed}")
                 runs.append(("run", None, run))
             out.append(ArmRun(arm, seed, method, runs))
@@ -513,6 +518,27 @@ def _point_file(root: Path, arm: str, seed: int, label: str) -> Path:
     return root / "points" / arm / f"seed={seed}" / f"{label}.json"
 
 
+def point_fingerprint(cfg: Config, eval_cfg: Config, **where: Any) -> str:
+    """What a point depends on: its run's training stage, the seed's problems and evaluation, and
+    ``where`` (an RL point's budget and fraction choose its checkpoint)."""
+    from .pipeline import Pipeline
+
+    return fingerprint({"training": Pipeline(cfg).fingerprints()["training"],
+                        "problems": Pipeline(eval_cfg).fingerprints()["problems"],
+                        "eval": eval_cfg.to_dict()["eval"], **where})
+
+
+def _finished_point(path: Path, fp: str, run_dir: str) -> dict[str, Any] | None:
+    """The point in ``path`` if it was made with these settings; None if there is none."""
+    if not path.exists():
+        return None
+    point = read_json(path)
+    if point.get("fingerprint", fp) != fp:  # points written before fingerprints were kept are taken as they are
+        raise ConfigError(f"compare: '{path}' was made with other settings (its run '{run_dir}', the evaluation "
+                          f"or the budget changed since); move both away to redo it, or give the compare another name")
+    return point
+
+
 def _arm_points(spec: CompareSpec, cli_overrides: list[str], ar: ArmRun, root: Path, n_params: int,
                 progress: bool) -> list[dict[str, Any]]:
     eval_cfg = eval_config(spec, cli_overrides, ar.seed)
@@ -520,8 +546,9 @@ def _arm_points(spec: CompareSpec, cli_overrides: list[str], ar: ArmRun, root: P
     for index, (label, scale, cfg) in enumerate(ar.runs):
         if ar.method == OFFLINE:
             done = _point_file(root, ar.arm.name, ar.seed, label)
-            if done.exists():
-                points.append(read_json(done))
+            fp = point_fingerprint(cfg, eval_cfg)
+            if (finished := _finished_point(done, fp, cfg.output_dir)) is not None:
+                points.append(finished)
                 continue
             print(f"\n=== compare {spec.name}: {ar.arm.name}, seed {ar.seed}, {label}", flush=True)
             shared = _shared_config(spec, cli_overrides, ar.seed, scale, root)
@@ -531,28 +558,33 @@ def _arm_points(spec: CompareSpec, cli_overrides: list[str], ar: ArmRun, root: P
             record = _compute_record(cfg, n_params)
             point = {"arm": ar.arm.name, "method": ar.method, "seed": ar.seed, "index": index, "label": label,
                      "scale": scale, "run_dir": cfg.output_dir, "step": record["total"].get("step"),
-                     **_spent(record["total"])}
+                     "fingerprint": fp, **_spent(record["total"])}
             row = _eval_point(point, Path(cfg.output_dir) / "adapter", eval_cfg,
                               root / "evals" / ar.arm.name / f"seed={ar.seed}" / label, progress)
             atomic_write_json(done, row)
             points.append(row)
         else:
-            existing = {i: read_json(p) for p in (root / "points" / ar.arm.name / f"seed={ar.seed}").glob("*.json")
-                        if (i := read_json(p).get("index")) is not None}
-            if not (Path(cfg.output_dir) / "adapter" / "adapter_config.json").exists() or \
+            from .pipeline import Pipeline
+
+            state = Pipeline(cfg).state("training") or {}
+            if not state.get("done") or state.get("fingerprint") != Pipeline(cfg).fingerprints()["training"] or \
                     not (Path(cfg.output_dir) / "compute.json").exists():
+                # resumes an unfinished run; refuses, with the differing settings, a run made with others
                 print(f"\n=== compare {spec.name}: {ar.arm.name} ({ar.method}), seed {ar.seed}", flush=True)
                 _run_pipeline(cfg, progress, None)
             record = _compute_record(cfg, n_params)
             for i, fraction, path, entry in rl_checkpoints(record, Path(cfg.output_dir), spec.budget,
                                                            spec.checkpoints):
-                if i in existing:
-                    points.append(existing[i])
+                plabel = f"budget={fraction:g}"
+                fp = point_fingerprint(cfg, eval_cfg, budget=spec.budget, fraction=fraction)
+                if (finished := _finished_point(_point_file(root, ar.arm.name, ar.seed, plabel), fp,
+                                                cfg.output_dir)) is not None:
+                    points.append(finished)
                     continue
                 step = entry.get("step", record["total"].get("step"))
-                plabel = f"budget={fraction:g}"
                 point = {"arm": ar.arm.name, "method": ar.method, "seed": ar.seed, "index": i, "label": plabel,
-                         "fraction": fraction, "run_dir": cfg.output_dir, "step": step, **_spent(entry)}
+                         "fraction": fraction, "run_dir": cfg.output_dir, "step": step, "fingerprint": fp,
+                         **_spent(entry)}
                 row = _eval_point(point, path, eval_cfg, root / "evals" / ar.arm.name / f"seed={ar.seed}" / plabel,
                                   progress)
                 atomic_write_json(_point_file(root, ar.arm.name, ar.seed, plabel), row)
@@ -583,7 +615,7 @@ def run_compare(config_path: str | None, cli_overrides: list[str], compare_path:
             try:
                 all_points[ar.arm.name] += _arm_points(spec, cli_overrides, ar, root, n_params, progress)
             except UserError as err:  # e.g. a small scale with no mixed-success problem: the other arms go on
-                if isinstance(err, ConfigError) and "compare" not in str(err):
+                if isinstance(err, ConfigError):  # settings to fix (or a stale point): nothing else would be right
                     raise
                 logger.warning("compare: arm %s, seed %d: %s", ar.arm.name, ar.seed, err)
         curves = {arm: arm_curve(pts, resamples=base.eval.bootstrap, seed=base.seed)
