@@ -41,6 +41,19 @@ def test_compute_to_reach_interpolates_the_first_crossing():
     assert compute_to_reach([1, 2, 3], [0.0, 0.4, 0.1], 0.2)["flops"] == pytest.approx(1.5)
 
 
+def test_spent_lines_warn_when_an_arm_is_off_the_budget():
+    from reasonmaxxer.evaluation.comparison import spent_lines
+
+    spent = {"tokens_per_sample_estimate": 192, "tokens_per_sample_measured": 96.4,
+             "arms": {"grpo": {"fraction_by_seed": {"0": 0.5, "1": 0.52}}, "offline": {"fraction_by_seed": {"0": 1.0}}}}
+    text = "\n".join(spent_lines(4e13, spent))
+    assert "| grpo | 0.50 to 0.52 |" in text and "| offline | 1.00 |" in text
+    assert "Tokens per sample: 192 estimated, 96 measured by the RL runs." in text
+    assert "**grpo spent more than 25% off the budget of 4e+13 FLOPs**: set `tokens_per_sample: 96`" in text
+    spent["arms"]["grpo"]["fraction_by_seed"] = {"0": 0.76, "1": 1.24}  # within 25% either way: no warning
+    assert "spent more than" not in "\n".join(spent_lines(4e13, spent))
+
+
 def test_compute_ratio_and_its_lower_bound():
     reference = {"flops": [2.0, 5.0], "delta": [0.05, 0.2], "wall_seconds": [100.0, 200.0]}
     arm = {"flops": [1.0, 2.0, 4.0], "delta": [0.0, 0.1, 0.3], "wall_seconds": [10.0, 20.0, 40.0]}
@@ -224,7 +237,14 @@ def test_compare_with_a_grpo_arm_resumes_and_refuses_changed_settings(tiny_model
         assert p["flops"] == by_step[p["step"]]
         assert abs(p["flops"] - p["fraction"] * budget) == min(abs(f - p["fraction"] * budget)
                                                               for f in by_step.values())
-    assert "| grpo |" in (root / "compare.md").read_text()
+    md = (root / "compare.md").read_text()
+    assert "| grpo |" in md and "## Budget spent" in md
+    spent = result["spent"]
+    assert spent["tokens_per_sample_estimate"] == 40
+    assert spent["tokens_per_sample_measured"] == pytest.approx(record["total"]["trained_tokens"] / (4 * 4))
+    assert spent["arms"]["grpo"]["fraction_by_seed"] == {"0": pytest.approx(record["total"]["flops"] / budget)}
+    assert spent["arms"]["forks"]["fraction_by_seed"]["0"] == pytest.approx(
+        result["points"]["forks"][-1]["flops"] / budget)
 
     # a rerun trains and evaluates nothing
     calls = []

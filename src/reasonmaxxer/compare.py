@@ -622,15 +622,41 @@ def run_compare(config_path: str | None, cli_overrides: list[str], compare_path:
                   for arm, pts in all_points.items() if pts}
         ratios = ratio_rows(all_points, curves, spec.reference, resamples=base.eval.bootstrap, seed=base.seed)
         kinds = {ar.arm.name: ar.method for ar in runs}
+        spent = budget_spent(spec, runs, all_points, tokens_per_sample(spec, base))
         atomic_write_json(root / "compare.json", {
             "name": spec.name, "budget": spec.budget, "checkpoints": spec.checkpoints, "seeds": spec.seeds,
             "reference": spec.reference, "n_params": n_params, "arms": [dataclasses.asdict(a) for a in spec.arms],
-            "kinds": kinds, "curves": curves, "ratios": ratios, "points": all_points})
+            "kinds": kinds, "spent": spent, "curves": curves, "ratios": ratios, "points": all_points})
         write_comparison(root, spec.name, budget=spec.budget, reference=spec.reference, curves=curves,
-                         ratios=ratios, kinds=kinds)
+                         ratios=ratios, kinds=kinds, spent=spent)
     if base.tracking.report_to == "wandb":
         _log_to_wandb(base, root, spec.name, curves, ratios)
     return root
+
+
+def budget_spent(spec: CompareSpec, runs: list[ArmRun], points: dict[str, list[dict[str, Any]]],
+                 estimated_tokens: int) -> dict[str, Any]:
+    """How much of the budget each arm spent per seed (an offline arm's largest scale, an RL run's
+    total, over the budget), and the tokens per sample the RL runs measured in the estimate's terms
+    (trained tokens over steps x per-device batch x accumulation): the figure for ``tokens_per_sample``."""
+    arms: dict[str, Any] = {}
+    measured: list[float] = []
+    for ar in runs:
+        entry = arms.setdefault(ar.arm.name, {"fraction_by_seed": {}})
+        if ar.method == OFFLINE:
+            mine = [p["flops"] for p in points.get(ar.arm.name, []) if p["seed"] == ar.seed]
+            if mine:
+                entry["fraction_by_seed"][str(ar.seed)] = max(mine) / spec.budget
+            continue
+        cfg = ar.runs[0][2]
+        path = Path(cfg.output_dir) / "compute.json"
+        if path.exists():
+            total = read_json(path)["total"]
+            entry["fraction_by_seed"][str(ar.seed)] = total["flops"] / spec.budget
+            if total.get("trained_tokens"):
+                measured.append(total["trained_tokens"] / (int(cfg.training["max_steps"]) * samples_per_step(cfg)))
+    return {"tokens_per_sample_estimate": estimated_tokens,
+            "tokens_per_sample_measured": float(sum(measured) / len(measured)) if measured else None, "arms": arms}
 
 
 def _log_to_wandb(base: Config, root: Path, name: str, curves: dict[str, list[dict[str, Any]]],

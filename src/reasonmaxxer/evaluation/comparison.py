@@ -222,12 +222,36 @@ def _interval_text(ci: list[float | None]) -> str:
     return f"{'∞' if lo is None else f'{lo:.2g}'} to {'∞' if hi is None else f'{hi:.2g}'}"
 
 
+SPENT_WARNING = 0.25
+"""An arm whose spend is off the budget by more than this share gets a line saying how to size it."""
+
+
+def spent_lines(budget: float, spent: dict[str, Any]) -> list[str]:
+    """The budget each arm spent (min to max over seeds), and a warning when the estimate was off."""
+    lines = ["## Budget spent", "", "| arm | spent / budget (over seeds) |", "|---|---|"]
+    off = []
+    for arm, entry in spent["arms"].items():
+        fractions = list(entry["fraction_by_seed"].values())
+        if not fractions:
+            continue
+        lo, hi = min(fractions), max(fractions)
+        lines.append(f"| {arm} | {lo:.2f}" + (f" to {hi:.2f} |" if hi - lo >= 0.005 else " |"))
+        if lo < 1 - SPENT_WARNING or hi > 1 + SPENT_WARNING:
+            off.append(arm)
+    est, got = spent["tokens_per_sample_estimate"], spent.get("tokens_per_sample_measured")
+    lines += ["", f"Tokens per sample: {est} estimated" + (f", {got:.0f} measured by the RL runs." if got else ".")]
+    if off:
+        lines.append(f"**{', '.join(off)} spent more than {SPENT_WARNING:.0%} off the budget of {budget:.3g} FLOPs**"
+                     + (f": set `tokens_per_sample: {got:.0f}` in the compare file." if got else "."))
+    return lines + [""]
+
+
 def write_comparison(out: Path, name: str, *, budget: float, reference: str, curves: dict[str, list[dict[str, Any]]],
-                     ratios: list[dict[str, Any]], kinds: dict[str, str]) -> None:
+                     ratios: list[dict[str, Any]], kinds: dict[str, str], spent: dict[str, Any] | None = None) -> None:
     """compare.md and compare.png (compare.json is written by the caller, with the raw points)."""
     lines = [f"# Comparison: {name}", "",
              f"Budget {budget:.3g} FLOPs per arm (2N per forward token, 6N per trained token). Reference arm: "
-             f"`{reference}`.", "",
+             f"`{reference}`.", "", *(spent_lines(budget, spent) if spent else []),
              f"## Compute to reach `{reference}`'s final Δpass@1 (and the reverse)", "",
              "| arm | final Δpass@1 | its FLOPs | FLOPs to reach the reference's final | × reference | 95% CI | "
              "wall s | × reference wall | reference's FLOPs to reach this arm's final | × this arm | 95% CI |",
