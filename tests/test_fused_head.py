@@ -68,12 +68,15 @@ def _leaves(*tensors):
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("K", [0, 4])
-def test_values_and_gradients_match_the_naive_head(chunk_bytes, softcap, with_base, K):
+@pytest.mark.parametrize("head_trained", [False, True])  # frozen: the factored backward; trained: the recompute
+def test_values_and_gradients_match_the_naive_head(chunk_bytes, softcap, with_base, K, head_trained):
     hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(K=K, logit_scale=4.0)
     base_hidden = base_hidden if with_base else None
     h, w, b = _leaves(hidden, weight, bias)
-    fused = _fused(h, w, b, base_hidden, targets, extra, softcap, 0.7, chunk_bytes)
     rh, rw, rb = _leaves(hidden, weight, bias)
+    if not head_trained:
+        w, b, rw, rb = (t.detach() for t in (w, b, rw, rb))
+    fused = _fused(h, w, b, base_hidden, targets, extra, softcap, 0.7, chunk_bytes)
     ref = _naive(rh, rw, rb, base_hidden, targets, extra, softcap, 0.7)
     assert fused.keys() == ref.keys()
     for key in ref:
@@ -82,8 +85,41 @@ def test_values_and_gradients_match_the_naive_head(chunk_bytes, softcap, with_ba
     assert fused["extra"].shape == (3, 5, K) and not fused["entropy"].requires_grad
     _backward(fused, upstream)
     _backward(ref, upstream)
-    for got, want in ((h, rh), (w, rw), (b, rb)):
+    for got, want in ((h, rh), (w, rw), (b, rb)) if head_trained else ((h, rh),):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_a_frozen_heads_backward_takes_no_head_matmul(monkeypatch, with_base):
+    """The forward forms the products the backward needs; a trained head's backward recomputes the logits."""
+    import reasonmaxxer.core.fused_head as fused_head
+
+    calls = []
+    real = fused_head._head_logits
+    monkeypatch.setattr(fused_head, "_head_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(logit_scale=3.0)
+    chunks = 3  # 15 rows, 6 per chunk
+    for trained in (False, True):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_(trained)
+        stats = fused_head_logprobs(h, w, targets, extra_ids=extra, base_hidden=base_hidden if with_base else None,
+                                    chunk_bytes=6 * 4 * 19)
+        calls.clear()
+        (stats.logp.sum() + stats.extra_logp.sum() + (stats.kl.sum() if with_base else 0)).backward()
+        assert len(calls) == (chunks * (1 + with_base) if trained else 0)
+
+
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradient():
+    hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(logit_scale=3.0)
+    h = hidden.clone().requires_grad_()
+    stats = fused_head_logprobs(h, weight, targets, bias=bias, extra_ids=extra, base_hidden=base_hidden,
+                                chunk_bytes=4 * 4 * 19)
+    loss = (stats.logp * upstream["logp"].float()).sum() + (stats.kl * upstream["kl"].float()).sum()
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    h.grad = None
+    loss.backward()
+    torch.testing.assert_close(h.grad, first, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("anchor", ["cached", "exact"])
@@ -141,13 +177,14 @@ def test_kl_is_zero_when_the_policy_is_the_base():
     assert stats.kl.abs().max() < 1e-5
 
 
-def _drift_problem(V=4099, H=64, N=24, drift=0.01, seed=0):
-    """bf16 states whose policy and base logits (std ~1) differ by ~``drift``: the KL gradient is a small difference.
+def _drift_problem(V=4099, H=64, N=24, drift=0.01, seed=0, scale=1.0):
+    """bf16 states whose policy and base logits (std ~``scale``) differ by ~``drift``: the KL gradient is a
+    small difference.
 
     Rounding softmax(z) and p_base to bf16 apart before subtracting (the old backward) is ~20% off here.
     """
     g = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(V, H, generator=g) / H**0.5).bfloat16()
+    weight = (torch.randn(V, H, generator=g) * scale / H**0.5).bfloat16()
     base_hidden = torch.randn(1, N, H, generator=g).bfloat16()
     hidden = (base_hidden.float() + drift * torch.randn(1, N, H, generator=g)).bfloat16()
     targets = torch.randint(0, V, (1, N), generator=g)
@@ -174,6 +211,24 @@ def test_bf16_kl_gradient_is_formed_in_fp32_then_cast_once():
     assert _rel_err(h.grad, want) < 1e-2
 
 
+def test_bf16_cached_kl_gradient_cancels_in_fp32():
+    """The cached top-k KL pulls the policy toward p_base at the ids: where the top 64 hold most of the mass
+    (98% at logit std 5) its gradient (sum_k p_k) softmax - p_base nearly cancels. Forming softmax @ W over
+    the whole vocabulary in bf16 and the ids' rows apart is 8% off here; the ids' coefficients are fp32."""
+    hidden, weight, base_hidden, targets = _drift_problem(scale=5.0)
+    base_z = torch.nn.functional.linear(base_hidden, weight).float()
+    base_logp_top, top_ids = base_z.log_softmax(-1).topk(64, dim=-1)  # (1, N, 64)
+    h = hidden.clone().requires_grad_()
+    stats = fused_head_logprobs(h, weight, targets, extra_ids=top_ids, chunk_bytes=1 << 16)
+    # the cached anchor's KL over the top-k: sum_k p_k (log p_k - log q_k)
+    (base_logp_top.exp() * (base_logp_top - stats.extra_logp)).sum().backward()
+    z = torch.nn.functional.linear(hidden, weight).double().requires_grad_()
+    top = base_logp_top.double()
+    (top.exp() * (top - z.log_softmax(-1).gather(-1, top_ids))).sum().backward()
+    want = z.grad @ weight.double()
+    assert _rel_err(h.grad, want) < 1e-2
+
+
 def test_bf16_logits_path_forms_the_kl_gradient_in_fp32_too():
     """core.logprobs' backward on bf16 logits: softmax * coef - p_base * g_kl in fp32, one cast."""
     hidden, weight, base_hidden, targets = _drift_problem()
@@ -187,8 +242,8 @@ def test_bf16_logits_path_forms_the_kl_gradient_in_fp32_too():
     assert _rel_err(z.grad, ref.grad) < 1e-2
 
 
-def test_autocast_backward_recomputes_the_forwards_logits():
-    """Under bf16 autocast (fp32 weights) the head matmul runs in bf16 in the forward and in the recompute."""
+def test_autocast_backward_matches_the_bf16_logits():
+    """Under bf16 autocast (fp32 weights) the head matmuls run in bf16, the forward's products included."""
     hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(H=16, V=64, logit_scale=3.0)
     h = hidden.clone().requires_grad_()
     rh = hidden.clone().requires_grad_()

@@ -15,10 +15,15 @@ exists (a 4 x 8192 x 152,064 fp32 one is 20 GB). The naive equivalent of
     kl = (base_logp_all.exp() * (base_logp_all - logp_all)).sum(-1)  # KL(base || policy), (B, C)
     entropy = token_entropy(logits, temperature=T)                 # (B, C), no gradient
 
-The backward recomputes each chunk's logits (one more head matmul, as activation
-checkpointing would) and forms the chunk's logit gradient in fp32 before one cast to the
-hidden dtype; ``grad_hidden = g_logits @ weight``, and ``grad_weight`` only when the head
-weight itself is trained.
+The gradient to the states is linear in the upstream gradients, so when the head is frozen
+(LoRA) the forward also forms, per chunk, the two products it needs: the softmax outside the
+row's ids times the head, and (exact KL) softmax minus the base softmax times the head, each
+difference formed in fp32 before one cast. The backward then takes no head matmul at all: it
+combines those (N, H) products with the head rows of the ids, whose coefficients are formed
+in fp32. So a gated step costs two head matmuls (three with the exact anchor's base pass), as
+many as the forward and backward of a plain head. When the head weight or bias is trained the
+backward instead recomputes each chunk's logits (as activation checkpointing would) for
+``grad_weight``.
 
 Shapes: B batch, C completion positions, H hidden size, V vocabulary, K extra token ids
 per position (the cached base top-k), N = B * C flattened rows, n rows of one chunk.
@@ -138,18 +143,30 @@ class _FusedHead(torch.autograd.Function):
     g_z = softmax(z) * (g_lse + g_kl - sum_j g_j) + sum_j g_j onehot(id_j) - g_kl p_base,
     formed in fp32. Through the softcap, dz/du = 1 - (z / s)^2 for the raw logits u; then
     grad_hidden = g_u @ W and grad_W = g_u^T @ hidden, per chunk of rows.
+
+    Frozen head: with c = sum_j g_j - g_lse, sc = dz/du and U the row's ids,
+    grad_hidden = sum_j (g_j sc_j - c p_j sc_j / m_j) W[id_j] - c R + g_kl D, where
+    R = (p sc, zero on U) @ W and D = ((p - p_base) sc) @ W come from the forward, p_j and
+    sc_j are taken at id_j and m_j counts id_j in the row (a repeated id shares its p_j).
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 ids: torch.Tensor, base_hidden: torch.Tensor | None, softcap: float | None,
                 entropy_temperature: float | None, chunk_rows: int) -> tuple[torch.Tensor, ...]:
-        N, dev = hidden.shape[0], hidden.device
+        N, H, dev = hidden.shape[0], hidden.shape[1], hidden.device
         picked = torch.empty(ids.shape, dtype=torch.float32, device=dev)
         lse = torch.empty(N, dtype=torch.float32, device=dev)
         kl = torch.zeros(N if base_hidden is not None else 0, dtype=torch.float32, device=dev)
         base_lse = torch.empty(N if base_hidden is not None else 0, dtype=torch.float32, device=dev)
         entropy = torch.zeros(N if entropy_temperature is not None else 0, dtype=torch.float32, device=dev)
+        # Frozen head (LoRA): the backward's head products are formed here, from the logits at hand.
+        factored = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        if factored:
+            rest = torch.empty(N, H, dtype=torch.float32, device=dev)  # R: softmax off the ids, times W
+            drift = torch.empty(N if base_hidden is not None else 0, H, dtype=torch.float32, device=dev)  # D
+            p_ids = torch.empty(ids.shape, dtype=torch.float32, device=dev)  # p_j sc_j / m_j
+            sc_ids = torch.empty(ids.shape if softcap is not None else (0,), dtype=torch.float32, device=dev)
         for s in range(0, N, chunk_rows):
             rows = slice(s, s + chunk_rows)
             z = _head_logits(hidden[rows], weight, bias, softcap)
@@ -157,12 +174,35 @@ class _FusedHead(torch.autograd.Function):
             picked[rows] = z.gather(-1, ids[rows]) - chunk_lse.unsqueeze(-1)
             if entropy_temperature is not None:
                 entropy[rows] = entropy_from_logits(z / entropy_temperature if entropy_temperature != 1.0 else z)
+            base_p = None
             if base_hidden is not None:
-                kl[rows], base_lse[rows] = _kl_chunk(z, chunk_lse, base_hidden[rows], weight, bias, softcap)
+                kl[rows], base_lse[rows], base_p = _kl_chunk(z, chunk_lse, base_hidden[rows], weight, bias, softcap,
+                                                             keep_base_p=factored)
+            if factored:
+                p = z.sub(chunk_lse.unsqueeze(-1)).exp_()  # (n, V) fp32
+                sc = z.div_(softcap).square_().neg_().add_(1.0) if softcap is not None else None  # z is spent
+                if base_p is not None:  # the small difference p - p_base in fp32, then one cast
+                    d = base_p.neg_().add_(p)
+                    drift[rows] = _times_head(d.mul_(sc) if sc is not None else d, weight)
+                    del d, base_p
+                row_ids = ids[rows]
+                repeats = (row_ids.unsqueeze(-1) == row_ids.unsqueeze(-2)).sum(-1)  # (n, J) m_j
+                p_ids[rows] = p.gather(-1, row_ids) / repeats
+                if sc is not None:
+                    sc_ids[rows] = sc.gather(-1, row_ids)
+                    p_ids[rows] *= sc_ids[rows]
+                    p.mul_(sc)
+                    del sc
+                rest[rows] = _times_head(p.scatter_(-1, row_ids, 0.0), weight)
+                del p
             del z
-        ctx.save_for_backward(hidden, weight, bias, ids, lse, base_hidden, base_lse)
+        if factored:
+            ctx.save_for_backward(weight, ids, rest, drift, p_ids, sc_ids)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, ids, lse, base_hidden, base_lse)
+            ctx.autocast = _AutocastState.current(dev.type)
+        ctx.factored, ctx.has_base, ctx.hidden_dtype = factored, base_hidden is not None, hidden.dtype
         ctx.softcap, ctx.chunk_rows = softcap, chunk_rows
-        ctx.autocast = _AutocastState.current(dev.type)
         # One call: each call replaces the set the last one marked.
         ctx.mark_non_differentiable(*([entropy] if base_hidden is not None else [entropy, kl]))
         return picked, lse, kl, entropy
@@ -170,6 +210,9 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_picked: torch.Tensor | None, g_lse: torch.Tensor | None,
                  g_kl: torch.Tensor | None, _g_entropy: torch.Tensor | None) -> tuple[Any, ...]:
+        if ctx.factored:
+            return (_FusedHead._factored_grad_hidden(ctx, g_picked, g_lse, g_kl),
+                    None, None, None, None, None, None, None)
         hidden, weight, bias, ids, lse, base_hidden, base_lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         N, dev = hidden.shape[0], hidden.device
@@ -210,9 +253,37 @@ class _FusedHead(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+    @staticmethod
+    def _factored_grad_hidden(ctx: Any, g_picked: torch.Tensor | None, g_lse: torch.Tensor | None,
+                              g_kl: torch.Tensor | None) -> torch.Tensor:
+        """grad_hidden from the forward's products: no head matmul, only the ids' rows of W."""
+        weight, ids, rest, drift, p_ids, sc_ids = ctx.saved_tensors
+        N, J, H = ids.shape[0], ids.shape[1], rest.shape[1]
+        g_picked = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device) if g_picked is None \
+            else g_picked.float()
+        c = g_picked.sum(-1) - (g_lse.float() if g_lse is not None else 0.0)  # (N,)
+        grad = rest * -c.unsqueeze(-1)  # not in place: the saved tensors stay as they were
+        if ctx.has_base and g_kl is not None:
+            grad.addcmul_(drift, g_kl.float().unsqueeze(-1))
+        # per id: g_j sc_j - c p_j sc_j / m_j, in fp32 (where the two nearly cancel), then the rows of W
+        coef = (g_picked * sc_ids if sc_ids.numel() else g_picked).sub_(p_ids * c.unsqueeze(-1))
+        step = max(1, (64 << 20) // max(1, J * H * weight.element_size()))  # rows per (n, J, H) gather
+        for s in range(0, N, step):
+            rows = slice(s, s + step)
+            w_rows = weight[ids[rows]]  # (n, J, H)
+            grad[rows] += torch.bmm(coef[rows].unsqueeze(1).to(w_rows.dtype), w_rows).squeeze(1).float()
+        return grad.to(ctx.hidden_dtype)
+
+
+def _times_head(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, V) fp32 weights over the vocabulary -> (n, H) fp32: one cast to the head's dtype, one matmul."""
+    return (p.to(weight.dtype) @ weight).float()
+
+
 def _kl_chunk(z: torch.Tensor, lse: torch.Tensor, base_h: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL(base || policy) (n,) and the base logsumexp (n,) of a chunk.
+              bias: torch.Tensor | None, softcap: float | None,
+              keep_base_p: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """KL(base || policy) (n,), the base logsumexp (n,) and, with ``keep_base_p``, the base softmax (n, V).
 
     KL = sum_v p (log p - z) + lse(z), p the base softmax; where p = 0 the term is 0 even
     if z or log p is -inf.
@@ -222,4 +293,4 @@ def _kl_chunk(z: torch.Tensor, lse: torch.Tensor, base_h: torch.Tensor, weight: 
     base_logp = base_z.sub_(base_lse.unsqueeze(-1))
     p = base_logp.exp()
     term = base_logp.sub_(z).mul_(p).masked_fill_(p == 0, 0.0)
-    return term.sum(-1) + lse, base_lse
+    return term.sum(-1) + lse, base_lse, (p if keep_base_p else None)
