@@ -109,6 +109,22 @@ def test_a_frozen_heads_backward_takes_no_head_matmul(monkeypatch, with_base):
         assert len(calls) == (chunks * (1 + with_base) if trained else 0)
 
 
+def test_no_grad_passes_form_no_backward_products(monkeypatch):
+    """Scoring and the movement pass run under no_grad: the forward does only the statistics' work."""
+    import reasonmaxxer.core.fused_head as fused_head
+
+    calls = []
+    real = fused_head._times_head
+    monkeypatch.setattr(fused_head, "_times_head", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden, weight, bias, base_hidden, targets, extra, _ = _problem()
+    h = hidden.clone().requires_grad_()
+    with torch.no_grad():
+        fused_head_logprobs(h, weight, targets, extra_ids=extra, base_hidden=base_hidden)
+    assert calls == []
+    fused_head_logprobs(h, weight, targets, extra_ids=extra, base_hidden=base_hidden)
+    assert len(calls) == 2  # one chunk: R and D
+
+
 def test_a_second_backward_through_a_retained_graph_gives_the_same_gradient():
     hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(logit_scale=3.0)
     h = hidden.clone().requires_grad_()

@@ -97,9 +97,11 @@ def fused_head_logprobs(
     if extra_ids is not None:
         ids = torch.cat([ids, extra_ids.reshape(B, C, extra_ids.shape[-1]).long()], dim=-1)
     base_flat = base_hidden.detach().reshape(B * C, H) if base_hidden is not None else None
+    # needs_input_grad ignores no_grad, so whether a backward can come is decided here
+    backward_to_come = torch.is_grad_enabled() and hidden.requires_grad
     picked, lse, kl, entropy = _FusedHead.apply(
         hidden.reshape(B * C, H), weight, bias, ids.reshape(B * C, ids.shape[-1]), base_flat,
-        float(softcap) if softcap else None, entropy_temperature, chunk_rows_for(V, chunk_bytes),
+        float(softcap) if softcap else None, entropy_temperature, chunk_rows_for(V, chunk_bytes), backward_to_come,
     )
     picked = picked.view(B, C, ids.shape[-1])
     return HeadStats(
@@ -153,7 +155,8 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 ids: torch.Tensor, base_hidden: torch.Tensor | None, softcap: float | None,
-                entropy_temperature: float | None, chunk_rows: int) -> tuple[torch.Tensor, ...]:
+                entropy_temperature: float | None, chunk_rows: int,
+                backward_to_come: bool) -> tuple[torch.Tensor, ...]:
         N, H, dev = hidden.shape[0], hidden.shape[1], hidden.device
         picked = torch.empty(ids.shape, dtype=torch.float32, device=dev)
         lse = torch.empty(N, dtype=torch.float32, device=dev)
@@ -161,7 +164,7 @@ class _FusedHead(torch.autograd.Function):
         base_lse = torch.empty(N if base_hidden is not None else 0, dtype=torch.float32, device=dev)
         entropy = torch.zeros(N if entropy_temperature is not None else 0, dtype=torch.float32, device=dev)
         # Frozen head (LoRA): the backward's head products are formed here, from the logits at hand.
-        factored = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        factored = backward_to_come and not any(ctx.needs_input_grad[1:3])
         if factored:
             rest = torch.empty(N, H, dtype=torch.float32, device=dev)  # R: softmax off the ids, times W
             drift = torch.empty(N if base_hidden is not None else 0, H, dtype=torch.float32, device=dev)  # D
@@ -212,7 +215,7 @@ class _FusedHead(torch.autograd.Function):
                  g_kl: torch.Tensor | None, _g_entropy: torch.Tensor | None) -> tuple[Any, ...]:
         if ctx.factored:
             return (_FusedHead._factored_grad_hidden(ctx, g_picked, g_lse, g_kl),
-                    None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None)
         hidden, weight, bias, ids, lse, base_hidden, base_lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         N, dev = hidden.shape[0], hidden.device
@@ -250,7 +253,7 @@ class _FusedHead(torch.autograd.Function):
         return (grad_hidden,
                 grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 grad_bias.to(bias.dtype) if grad_bias is not None else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
     @staticmethod
