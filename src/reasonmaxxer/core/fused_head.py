@@ -20,8 +20,9 @@ The gradient to the states is linear in the upstream gradients, so when the head
 row's ids times the head, and (exact KL) softmax minus the base softmax times the head, each
 difference formed in fp32 before one cast. The backward then takes no head matmul at all: it
 combines those (N, H) products with the head rows of the ids, whose coefficients are formed
-in fp32. So a gated step costs two head matmuls (three with the exact anchor's base pass), as
-many as the forward and backward of a plain head. When the head weight or bias is trained the
+in fp32. So a gated step costs two head matmuls, as many as the forward and backward of a
+plain head (four with the exact anchor: the base's logits and the KL's product; recomputing
+in the backward took three and five). When the head weight or bias is trained the
 backward instead recomputes each chunk's logits (as activation checkpointing would) for
 ``grad_weight``.
 
@@ -254,7 +255,6 @@ class _FusedHead(torch.autograd.Function):
                 grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 grad_bias.to(bias.dtype) if grad_bias is not None else None,
                 None, None, None, None, None, None)
-
 
     @staticmethod
     def _factored_grad_hidden(ctx: Any, g_picked: torch.Tensor | None, g_lse: torch.Tensor | None,
