@@ -566,8 +566,9 @@ def _arm_points(spec: CompareSpec, cli_overrides: list[str], ar: ArmRun, root: P
         else:
             from .pipeline import Pipeline
 
-            state = Pipeline(cfg).state("training") or {}
-            if not state.get("done") or state.get("fingerprint") != Pipeline(cfg).fingerprints()["training"] or \
+            pipeline = Pipeline(cfg)
+            state = pipeline.state("training") or {}
+            if not state.get("done") or state.get("fingerprint") != pipeline.fingerprints()["training"] or \
                     not (Path(cfg.output_dir) / "compute.json").exists():
                 # resumes an unfinished run; refuses, with the differing settings, a run made with others
                 print(f"\n=== compare {spec.name}: {ar.arm.name} ({ar.method}), seed {ar.seed}", flush=True)
