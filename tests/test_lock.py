@@ -126,11 +126,14 @@ def test_eval_runs_beside_training_but_not_beside_another_eval(tiny_model_dir, t
     from reasonmaxxer.testing import tiny_run_args
 
     run = tmp_path / "run"
+    # eval's --output_dir is where it writes; --run_dir points it at the run (else the default
+    # output_dir, relative to where the tests run, e.g. the demo's runs/demo, would be read)
+    args = [*tiny_run_args(tiny_model_dir, run), "--run_dir", str(run)]
     holder(run)  # training holds the folder: eval goes on (and stops at the missing adapter)
-    assert eval_main(tiny_run_args(tiny_model_dir, run)) == 2
+    assert eval_main(args) == 2
     assert "is not a PEFT adapter folder" in capsys.readouterr().err
     proc = holder(run, EVAL_LOCK_NAME)
-    assert eval_main(tiny_run_args(tiny_model_dir, run)) == 2
+    assert eval_main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"error: eval folder '{run}' is in use by another job: "
                                                f"pid {proc.pid} "), err
