@@ -45,9 +45,10 @@ def _naive(hidden, weight, bias, base_hidden, targets, extra, softcap, temperatu
     return out
 
 
-def _fused(hidden, weight, bias, base_hidden, targets, extra, softcap, temperature, chunk_bytes):
+def _fused(hidden, weight, bias, base_hidden, targets, extra, softcap, temperature, chunk_bytes, factor=True):
     s = fused_head_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, extra_ids=extra,
-                            base_hidden=base_hidden, entropy_temperature=temperature, chunk_bytes=chunk_bytes)
+                            base_hidden=base_hidden, entropy_temperature=temperature, chunk_bytes=chunk_bytes,
+                            factor_backward=factor)
     out = {"logp": s.logp, "lse": s.lse}
     for key, value in (("extra", s.extra_logp), ("kl", s.kl), ("entropy", s.entropy)):
         if value is not None:
@@ -68,15 +69,17 @@ def _leaves(*tensors):
 @pytest.mark.parametrize("softcap", [None, 2.0])
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("K", [0, 4])
-@pytest.mark.parametrize("head_trained", [False, True])  # frozen: the factored backward; trained: the recompute
-def test_values_and_gradients_match_the_naive_head(chunk_bytes, softcap, with_base, K, head_trained):
+# frozen head: the factored backward, or the recompute asked for; trained head: always the recompute
+@pytest.mark.parametrize("backward", ["factored", "recomputed", "head_trained"])
+def test_values_and_gradients_match_the_naive_head(chunk_bytes, softcap, with_base, K, backward):
     hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(K=K, logit_scale=4.0)
     base_hidden = base_hidden if with_base else None
     h, w, b = _leaves(hidden, weight, bias)
     rh, rw, rb = _leaves(hidden, weight, bias)
+    head_trained = backward == "head_trained"
     if not head_trained:
         w, b, rw, rb = (t.detach() for t in (w, b, rw, rb))
-    fused = _fused(h, w, b, base_hidden, targets, extra, softcap, 0.7, chunk_bytes)
+    fused = _fused(h, w, b, base_hidden, targets, extra, softcap, 0.7, chunk_bytes, factor=backward == "factored")
     ref = _naive(rh, rw, rb, base_hidden, targets, extra, softcap, 0.7)
     assert fused.keys() == ref.keys()
     for key in ref:
@@ -91,7 +94,7 @@ def test_values_and_gradients_match_the_naive_head(chunk_bytes, softcap, with_ba
 
 @pytest.mark.parametrize("with_base", [False, True])
 def test_a_frozen_heads_backward_takes_no_head_matmul(monkeypatch, with_base):
-    """The forward forms the products the backward needs; a trained head's backward recomputes the logits."""
+    """The forward forms the products the backward needs; a trained head, or factor_backward=False, recomputes."""
     import reasonmaxxer.core.fused_head as fused_head
 
     calls = []
@@ -99,14 +102,14 @@ def test_a_frozen_heads_backward_takes_no_head_matmul(monkeypatch, with_base):
     monkeypatch.setattr(fused_head, "_head_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     hidden, weight, bias, base_hidden, targets, extra, upstream = _problem(logit_scale=3.0)
     chunks = 3  # 15 rows, 6 per chunk
-    for trained in (False, True):
+    for trained, factor in ((False, True), (False, False), (True, True)):
         h = hidden.clone().requires_grad_()
         w = weight.clone().requires_grad_(trained)
         stats = fused_head_logprobs(h, w, targets, extra_ids=extra, base_hidden=base_hidden if with_base else None,
-                                    chunk_bytes=6 * 4 * 19)
+                                    chunk_bytes=6 * 4 * 19, factor_backward=factor)
         calls.clear()
         (stats.logp.sum() + stats.extra_logp.sum() + (stats.kl.sum() if with_base else 0)).backward()
-        assert len(calls) == (chunks * (1 + with_base) if trained else 0)
+        assert len(calls) == (0 if factor and not trained else chunks * (1 + with_base)), (trained, factor)
 
 
 def test_no_grad_passes_form_no_backward_products(monkeypatch):

@@ -73,6 +73,7 @@ def fused_head_logprobs(
     base_hidden: torch.Tensor | None = None,
     entropy_temperature: float | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    factor_backward: bool = True,
 ) -> HeadStats:
     """Log-probs, logsumexp, KL to the base and entropy through the LM head, chunk by chunk.
 
@@ -87,6 +88,10 @@ def fused_head_logprobs(
             KL(base || policy) through the same head; never takes gradient.
         entropy_temperature: measure the policy's entropy of softmax(logits / T) (no gradient).
         chunk_bytes: target size of one chunk's fp32 logits (see :func:`chunk_rows_for`).
+        factor_backward: with a frozen head, form the backward's (N, H) products in the
+            forward (no head matmul in the backward). False recomputes each chunk's logits
+            in the backward instead, as a trained head does: one more head matmul per chunk,
+            and no (N, H) fp32 products kept (bench/head.py compares the two).
 
     Returns:
         :class:`HeadStats`; gradients flow from ``logp``, ``extra_logp``, ``lse`` and
@@ -99,10 +104,10 @@ def fused_head_logprobs(
         ids = torch.cat([ids, extra_ids.reshape(B, C, extra_ids.shape[-1]).long()], dim=-1)
     base_flat = base_hidden.detach().reshape(B * C, H) if base_hidden is not None else None
     # needs_input_grad ignores no_grad, so whether a backward can come is decided here
-    backward_to_come = torch.is_grad_enabled() and hidden.requires_grad
+    factored = factor_backward and torch.is_grad_enabled() and hidden.requires_grad
     picked, lse, kl, entropy = _FusedHead.apply(
         hidden.reshape(B * C, H), weight, bias, ids.reshape(B * C, ids.shape[-1]), base_flat,
-        float(softcap) if softcap else None, entropy_temperature, chunk_rows_for(V, chunk_bytes), backward_to_come,
+        float(softcap) if softcap else None, entropy_temperature, chunk_rows_for(V, chunk_bytes), factored,
     )
     picked = picked.view(B, C, ids.shape[-1])
     return HeadStats(
@@ -157,7 +162,7 @@ class _FusedHead(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 ids: torch.Tensor, base_hidden: torch.Tensor | None, softcap: float | None,
                 entropy_temperature: float | None, chunk_rows: int,
-                backward_to_come: bool) -> tuple[torch.Tensor, ...]:
+                factor_backward: bool) -> tuple[torch.Tensor, ...]:
         N, H, dev = hidden.shape[0], hidden.shape[1], hidden.device
         picked = torch.empty(ids.shape, dtype=torch.float32, device=dev)
         lse = torch.empty(N, dtype=torch.float32, device=dev)
@@ -165,7 +170,7 @@ class _FusedHead(torch.autograd.Function):
         base_lse = torch.empty(N if base_hidden is not None else 0, dtype=torch.float32, device=dev)
         entropy = torch.zeros(N if entropy_temperature is not None else 0, dtype=torch.float32, device=dev)
         # Frozen head (LoRA): the backward's head products are formed here, from the logits at hand.
-        factored = backward_to_come and not any(ctx.needs_input_grad[1:3])
+        factored = factor_backward and not any(ctx.needs_input_grad[1:3])
         if factored:
             rest = torch.empty(N, H, dtype=torch.float32, device=dev)  # R: softmax off the ids, times W
             drift = torch.empty(N if base_hidden is not None else 0, H, dtype=torch.float32, device=dev)  # D
