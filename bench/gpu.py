@@ -87,16 +87,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from shapes import QWEN, QWEN_VOCAB, random_qwen  # noqa: E402  (bench/shapes.py)
+
 SECTIONS = ("env", "kernels", "step", "scoring", "rollouts", "e2e")
 BUDGET_S = {"env": 10, "kernels": 45, "step": 180, "scoring": 45, "rollouts": 120, "e2e": 70}  # 470 s in all
 
-# Qwen2.5 sizes (their config.json): hidden, layers, heads, kv heads, intermediate; vocab 151,936, tied.
-QWEN = {
-    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         intermediate_size=4864),
-    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         intermediate_size=8960),
-}
 SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128)
 
@@ -120,7 +115,7 @@ class Plan:
 
     @staticmethod
     def gpu() -> "Plan":
-        return Plan(device="cuda", vocab=151_936, models=QWEN, step_lengths=(4096, 8192), step_reps=3,
+        return Plan(device="cuda", vocab=QWEN_VOCAB, models=QWEN, step_lengths=(4096, 8192), step_reps=3,
                     kernel_rows=(2, 1024), scoring_batch=(8, 128, 1024))
 
     @staticmethod
@@ -202,25 +197,9 @@ def _free() -> None:
 
 
 def build_model(plan: Plan, label: str, *, sharpen: float = 1.0) -> tuple[Any, Any]:
-    """A randomly initialised Qwen2 model of ``label``'s shape in bf16 on the plan's device, and a tokenizer.
-
-    ``sharpen`` scales the final norm, so the logits and hence the sampling distribution
-    are less flat than a fresh init's (rollouts sample from a few hundred tokens, not all).
-    """
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from reasonmaxxer.testing import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()  # ids below 320: pad, EOS and the chat template are what is used
-    config = Qwen2Config(vocab_size=plan.vocab, tie_word_embeddings=True, max_position_embeddings=32_768,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **plan.models[label])
-    torch.manual_seed(0)
-    with torch.device(plan.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(sharpen)
-    return model.eval(), tokenizer
+    """A randomly initialised Qwen2 model of ``label``'s shape in bf16 on the plan's device, and a tokenizer."""
+    return random_qwen(plan.models[label], vocab=plan.vocab, device=plan.device, dtype=torch.bfloat16,
+                       sharpen=sharpen)
 
 
 # --------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
     python bench/step.py                 # SmolLM2-135M, batch 8 x 192, LoRA r16 all-linear, fp32
     python bench/step.py --model tiny    # the in-process tiny model (seconds; a smoke test)
+    python bench/step.py --model qwen2.5-0.5b --batch 1 --prompt-len 128 --completion-len 896 --reps 3
+                                         # a random Qwen2.5-0.5B (vocab 151,936): fp32 on CPU, bf16 on a GPU
 
 Each repetition runs one step of every kind in turn (plain, gated with the cached top-k
 anchor, gated with the exact adapter-disabled anchor), each a forward, a backward and an
@@ -23,6 +25,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import QWEN, random_qwen  # noqa: E402  (bench/shapes.py)
 
 from reasonmaxxer.config.loading import load_config  # noqa: E402
 from reasonmaxxer.models.forward import completion_logits  # noqa: E402
@@ -87,7 +92,8 @@ def step_kinds(model, tokenizer, workdir: Path, *, batch: int, prompt_len: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="model name/path, or 'tiny'")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help=f"model name/path, 'tiny', or a random-init shape: {', '.join(QWEN)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--completion-len", type=int, default=128)
@@ -98,9 +104,14 @@ def main() -> None:
     torch.manual_seed(0)
 
     tmp = tempfile.mkdtemp()
-    path = str(build_tiny_model_dir(Path(tmp) / "tiny")) if args.model == "tiny" else args.model
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype="auto")
+    if args.model in QWEN:
+        cuda = torch.cuda.is_available()
+        model, tokenizer = random_qwen(QWEN[args.model], device="cuda" if cuda else "cpu",
+                                       dtype=torch.bfloat16 if cuda else torch.float32)
+    else:
+        path = str(build_tiny_model_dir(Path(tmp) / "tiny")) if args.model == "tiny" else args.model
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, dtype="auto")
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     kinds = step_kinds(model, tokenizer, Path(tmp), batch=args.batch, prompt_len=args.prompt_len,
