@@ -37,7 +37,8 @@ from reasonmaxxer.core.logprobs import policy_logprobs, policy_logprobs_and_kl  
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: bf16 on a GPU, fp32 on CPU)")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                    help="default: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=3584)
@@ -51,6 +52,12 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU here; use --device cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    try:
+        chunks = [int(x) for x in args.chunk_mb.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --chunk-mb: comma-separated whole MB, got {args.chunk_mb!r}") from None
+    if min(chunks) < 1:
+        raise SystemExit(f"error: --chunk-mb: each chunk must be >= 1 MB, got {args.chunk_mb!r}")
     B, C, H, V, K = args.batch, args.length, args.hidden, args.vocab, args.top_k
     g = torch.Generator(device=dev).manual_seed(0)
     weight = (torch.randn(V, H, device=dev, generator=g) / H**0.5 * 2).to(dtype)
@@ -101,7 +108,6 @@ def main() -> None:
         peak = (torch.cuda.max_memory_allocated() - start) / 2**30 if cuda else float("nan")
         return out, seconds, peak
 
-    chunks = [int(x) for x in args.chunk_mb.split(",")]
     default_mb = DEFAULT_CHUNK_BYTES >> 20
     bxcxv = B * C * V * 4 / 2**30
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
