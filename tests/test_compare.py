@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -15,8 +17,11 @@ from reasonmaxxer.evaluation.comparison import (
     AT_FIRST,
     NOT_REACHED,
     REACHED,
+    _interval_text,
+    bootstrap_ratio,
     compute_ratio,
     compute_to_reach,
+    percentile_with_inf,
     ratio_text,
 )
 from reasonmaxxer.testing import tiny_run_args
@@ -64,6 +69,97 @@ def test_compute_ratio_and_its_lower_bound():
     back = compute_ratio(reference, arm)
     assert back["status"] == NOT_REACHED and back["ratio"] == pytest.approx(5.0 / 4.0)
     assert ratio_text(back) == "> 1.2×"
+
+
+def test_percentile_with_inf_matches_numpy_and_is_infinite_where_an_infinity_weighs():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 40, 1000):
+        values = rng.normal(size=n)
+        for q in (0.0, 2.5, 50.0, 97.5, 100.0):
+            assert percentile_with_inf(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    # 40 values, 4 of them infinite: position (40 - 1) * 0.975 = 38.025 lies between two infinities,
+    # position 39 * 0.025 = 0.975 between the two smallest finite values
+    values = np.array([np.inf] * 4 + list(range(36)), dtype=float)
+    assert percentile_with_inf(values, 97.5) == np.inf
+    assert percentile_with_inf(values, 2.5) == pytest.approx(0.975)
+    # one infinity with weight 0.025 still makes the bound infinite; with weight 0 it does not
+    values = np.array(list(range(39)) + [np.inf], dtype=float)
+    assert percentile_with_inf(values, 97.5) == np.inf and percentile_with_inf(values, 100 * 38 / 39) == 38.0
+    assert percentile_with_inf(np.full(5, np.inf), 2.5) == np.inf
+
+
+def _brute_force_ratio_interval(arm_by_seed, ref_by_seed, arm_flops, ref_flops, resamples, seed):
+    """The hierarchical bootstrap written out with loops: the same draws, the crossing found by
+    walking the curve point by point, the 2.5/97.5 percentiles by sorting."""
+    rng = np.random.default_rng(seed)
+    n = len(arm_by_seed)
+    ratios = []
+    for _ in range(resamples):
+        arm_curve = [0.0] * arm_by_seed[0].shape[0]
+        ref_curve = [0.0] * ref_by_seed[0].shape[0]
+        for s in rng.integers(0, n, size=n):
+            q = arm_by_seed[s].shape[1]
+            cols = rng.integers(0, q, size=q)
+            for i in range(len(arm_curve)):
+                arm_curve[i] += sum(arm_by_seed[s][i, c] for c in cols) / q / n
+            for i in range(len(ref_curve)):
+                ref_curve[i] += sum(ref_by_seed[s][i, c] for c in cols) / q / n
+        target, ratio = ref_curve[-1], float("inf")
+        for i, y in enumerate(arm_curve):
+            if y >= target:
+                x = arm_flops[0] if i == 0 else arm_flops[i - 1] + (target - arm_curve[i - 1]) / (
+                    y - arm_curve[i - 1]) * (arm_flops[i] - arm_flops[i - 1])
+                ratio = x / ref_flops[-1]
+                break
+        ratios.append(ratio)
+    ratios.sort()
+    bounds = []
+    for q in (0.025, 0.975):
+        h = (resamples - 1) * q
+        lo = int(h)
+        frac = h - lo
+        bound = ratios[lo] if frac == 0 else (
+            float("inf") if ratios[lo + 1] == float("inf") else ratios[lo] + frac * (ratios[lo + 1] - ratios[lo]))
+        bounds.append(None if bound == float("inf") else bound)
+    return bounds
+
+
+def test_bootstrap_ratio_matches_a_brute_force_bootstrap():
+    rng = np.random.default_rng(1)
+    # two seeds of 12 and 9 problems; the arm's curve has 3 points, the reference's 2. The arm
+    # sometimes misses the reference's final Δ, so some replicates are infinite.
+    arm_by_seed = [rng.choice([-1.0, 0.0, 0.0, 1.0], size=(3, q)) + np.array([[0.0], [0.1], [0.3]]) for q in (12, 9)]
+    ref_by_seed = [rng.choice([-1.0, 0.0, 1.0], size=(2, q)) + np.array([[0.0], [0.2]]) for q in (12, 9)]
+    arm_flops, ref_flops = [1.0, 2.0, 4.0], [2.0, 5.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN from inf - inf inside a percentile
+        got = bootstrap_ratio(arm_by_seed, ref_by_seed, arm_flops, ref_flops, resamples=400, seed=7)
+        back = bootstrap_ratio(ref_by_seed, arm_by_seed, ref_flops, arm_flops, resamples=400, seed=7)
+    for result, args in ((got, (arm_by_seed, ref_by_seed, arm_flops, ref_flops)),
+                         (back, (ref_by_seed, arm_by_seed, ref_flops, arm_flops))):
+        expected = _brute_force_ratio_interval(*args, resamples=400, seed=7)
+        assert [b is None for b in result] == [b is None for b in expected]
+        assert [b for b in result if b is not None] == pytest.approx([b for b in expected if b is not None])
+    assert got[0] is not None  # a finite lower bound, so the test exercised the interpolation
+
+
+def test_bootstrap_ratio_edge_cases():
+    flat_arm = [np.full((2, 5), 0.1), np.full((2, 4), 0.1)]
+    flat_ref = [np.tile([[0.0], [0.2]], 5), np.tile([[0.0], [0.2]], 4)]
+    # no replicate reaches the reference's final 0.2: both bounds infinite, shown as "∞ to ∞"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        never = bootstrap_ratio(flat_arm, flat_ref, [1.0, 2.0], [1.0, 4.0], resamples=50, seed=0)
+    assert never == [None, None] and _interval_text(never) == "∞ to ∞"
+    # every problem the same: every replicate is the point estimate, so the interval collapses onto it
+    up = [np.tile([[0.1], [0.3]], 5), np.tile([[0.1], [0.3]], 4)]
+    point = compute_ratio({"flops": [1.0, 3.0], "delta": [0.1, 0.3]}, {"flops": [1.0, 4.0], "delta": [0.0, 0.2]})
+    interval = bootstrap_ratio(up, flat_ref, [1.0, 3.0], [1.0, 4.0], resamples=50, seed=0)
+    assert interval == pytest.approx([point["ratio"], point["ratio"]]) and point["ratio"] == pytest.approx(2.0 / 4.0)
+    # nothing to resample: no interval at all, shown as a dash (not as an unbounded one)
+    assert bootstrap_ratio([], [], [1.0], [1.0], resamples=10, seed=0) is None
+    assert bootstrap_ratio(up, flat_ref[:1], [1.0, 3.0], [1.0, 4.0], resamples=10, seed=0) is None
+    assert _interval_text(None) == "–" and _interval_text([0.5, None]) == "0.5 to ∞"
 
 
 @pytest.mark.parametrize("content, message", [

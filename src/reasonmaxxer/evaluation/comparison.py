@@ -76,20 +76,35 @@ def compute_ratio(arm: dict[str, Sequence[float]], reference: dict[str, Sequence
     }
 
 
+def percentile_with_inf(values: np.ndarray, q: float) -> float:
+    """The ``q``-th percentile of ``values`` (N,), interpolated linearly as ``np.percentile`` does,
+    where ``values`` may hold +inf: the result is inf when an infinite value carries weight in
+    the interpolation (``np.percentile`` gives NaN there, from inf - inf or inf * 0)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    h = (len(v) - 1) * q / 100.0
+    i = int(np.floor(h))
+    frac = h - i
+    if frac == 0.0:
+        return float(v[i])
+    a, b = v[i], v[i + 1]
+    return float(b) if not np.isfinite(b) else float(a + frac * (b - a))
+
+
 def bootstrap_ratio(arm_by_seed: list[np.ndarray], ref_by_seed: list[np.ndarray], arm_flops: Sequence[float],
-                    ref_flops: Sequence[float], *, resamples: int, seed: int) -> list[float | None]:
+                    ref_flops: Sequence[float], *, resamples: int, seed: int) -> list[float | None] | None:
     """95% interval of :func:`compute_ratio` (FLOPs) under a hierarchical bootstrap over seeds and problems.
 
     arm_by_seed[s], ref_by_seed[s]: (P_arm, Q_s) and (P_ref, Q_s) per-problem Δ of each point
     for seed s, over the same Q_s held-out problems (columns in the same order), so one
     problem resample is shared by both curves (they are paired within a seed). The
     compute axis stays at the mean over seeds. A replicate that never reaches the target
-    counts as infinite (an interval bound of None means "unbounded").
+    counts as infinite: a bound of None is infinite ("∞ to ∞" when no replicate reaches it).
+    None when there is nothing to resample (no seed, or the two lists differ in length).
     """
     rng = np.random.default_rng(seed)
     n = len(arm_by_seed)
     if n == 0 or len(ref_by_seed) != n:
-        return [None, None]
+        return None
     ratios = np.empty(resamples)
     for b in range(resamples):
         arm_curve = np.zeros(arm_by_seed[0].shape[0])
@@ -101,8 +116,8 @@ def bootstrap_ratio(arm_by_seed: list[np.ndarray], ref_by_seed: list[np.ndarray]
             ref_curve += ref_by_seed[s][:, cols].mean(axis=1)
         r = compute_ratio({"flops": arm_flops, "delta": arm_curve / n}, {"flops": ref_flops, "delta": ref_curve / n})
         ratios[b] = np.inf if r["status"] == NOT_REACHED or r["ratio"] is None else r["ratio"]
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return [float(lo) if np.isfinite(lo) else None, float(hi) if np.isfinite(hi) else None]
+    bounds = (percentile_with_inf(ratios, 2.5), percentile_with_inf(ratios, 97.5))
+    return [b if np.isfinite(b) else None for b in bounds]
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -176,8 +191,9 @@ def ratio_rows(points: dict[str, list[dict[str, Any]]], curves: dict[str, list[d
 
 
 def _ratio_intervals(points: dict[str, list[dict[str, Any]]], arm: str, reference: str, curve: list[dict[str, Any]],
-                     ref_curve: list[dict[str, Any]], *, resamples: int, seed: int) -> list[list[float | None]]:
-    """Both directions' FLOPs-ratio intervals over the seeds where both arms have every point."""
+                     ref_curve: list[dict[str, Any]], *, resamples: int, seed: int) -> list[list[float | None] | None]:
+    """Both directions' FLOPs-ratio intervals over the seeds where both arms have every point
+    (None for a direction without such a seed)."""
     arm_order, ref_order = [c["index"] for c in curve], [c["index"] for c in ref_curve]
     arm_m, ref_m = [], []
     for s in sorted({p["seed"] for p in points[arm]} & {p["seed"] for p in points[reference]}):
@@ -190,7 +206,7 @@ def _ratio_intervals(points: dict[str, list[dict[str, Any]]], arm: str, referenc
             ref_m.append(r)
     arm_x, ref_x = [c["flops"] for c in curve], [c["flops"] for c in ref_curve]
     if not arm_m:
-        return [[None, None], [None, None]]
+        return [None, None]
     return [bootstrap_ratio(arm_m, ref_m, arm_x, ref_x, resamples=resamples, seed=seed),
             bootstrap_ratio(ref_m, arm_m, ref_x, arm_x, resamples=resamples, seed=seed)]
 
@@ -215,10 +231,10 @@ def ratio_text(hit: dict[str, Any], key: str = "ratio") -> str:
     return f"{prefix}{value:.2g}×"
 
 
-def _interval_text(ci: list[float | None]) -> str:
-    lo, hi = ci
-    if lo is None and hi is None:
+def _interval_text(ci: list[float | None] | None) -> str:
+    if ci is None:
         return "–"
+    lo, hi = ci
     return f"{'∞' if lo is None else f'{lo:.2g}'} to {'∞' if hi is None else f'{hi:.2g}'}"
 
 
