@@ -9,11 +9,18 @@ Each repetition runs one step of every kind in turn (plain, gated with the cache
 anchor, gated with the exact adapter-disabled anchor), each a forward, a backward and an
 AdamW step on the same PEFT model and batch; the medians are compared. The last line is
 `cached_ratio=<x> exact_ratio=<y>`.
+
+With ``--ab-backward`` each repetition also runs both gated steps with the fused head's
+recomputing backward (``factor_backward=False``: the frozen head's logits are formed again in
+the backward) and a line before the last gives, per anchor, the median over repetitions of
+the paired ratio factored / recomputed: the step-level effect of the factored backward,
+timed in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -29,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import QWEN, random_qwen  # noqa: E402  (bench/shapes.py)
 
+import reasonmaxxer.models.forward as forward_module  # noqa: E402
 from reasonmaxxer.config.loading import load_config  # noqa: E402
 from reasonmaxxer.models.forward import completion_logits  # noqa: E402
 from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
@@ -90,6 +98,18 @@ def step_kinds(model, tokenizer, workdir: Path, *, batch: int, prompt_len: int, 
             "exact": stepper(lambda: gated_loss("exact"))}
 
 
+def recomputing(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the fused head's backward recomputing its logits (``factor_backward=False``)."""
+    def run() -> None:
+        factored = forward_module.fused_head_logprobs
+        forward_module.fused_head_logprobs = functools.partial(factored, factor_backward=False)
+        try:
+            step()
+        finally:
+            forward_module.fused_head_logprobs = factored
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct",
@@ -99,6 +119,8 @@ def main() -> None:
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--ab-backward", action="store_true",
+                    help="also time both gated steps with the recomputing backward (factor_backward=False)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
@@ -116,6 +138,8 @@ def main() -> None:
     vocab = model.get_output_embeddings().weight.shape[0]
     kinds = step_kinds(model, tokenizer, Path(tmp), batch=args.batch, prompt_len=args.prompt_len,
                        completion_len=args.completion_len, top_k=args.top_k)
+    if args.ab_backward:
+        kinds |= {f"{anchor}_recompute": recomputing(kinds[anchor]) for anchor in ("cached", "exact")}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
         for name, step in kinds.items():
@@ -131,7 +155,11 @@ def main() -> None:
           f"{args.prompt_len + args.completion_len} vocab={vocab} torch_threads={torch.get_num_threads()}")
     for name, ts in times.items():
         spread = f"{min(ts):.3f}-{max(ts):.3f}"
-        print(f"{name:>7}: median {statistics.median(ts):.3f} s  (min-max {spread}, n={len(ts)})")
+        print(f"{name:>16}: median {statistics.median(ts):.3f} s  (min-max {spread}, n={len(ts)})")
+    if args.ab_backward:
+        paired = {anchor: statistics.median(f / r for f, r in zip(times[anchor], times[f"{anchor}_recompute"]))
+                  for anchor in ("cached", "exact")}
+        print(f"factored_vs_recompute_cached={paired['cached']:.3f} factored_vs_recompute_exact={paired['exact']:.3f}")
     plain = statistics.median(times["plain"])
     print(f"cached_ratio={statistics.median(times['cached']) / plain:.3f} "
           f"exact_ratio={statistics.median(times['exact']) / plain:.3f}")
