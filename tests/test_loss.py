@@ -68,6 +68,52 @@ def test_gather_logprobs_bf16_logits():
     torch.testing.assert_close(logp, ref32, atol=5e-2, rtol=1e-2)
 
 
+def _logits_with_chosen_probability(p: float, V: int = 48, dtype=torch.bfloat16, seed: int = 0):
+    """(1, R, V) logits (in ``dtype``) whose token 0 has probability ~p; the rest share 1 - p unevenly."""
+    rest = torch.randn(1, 16, V - 1, generator=_gen(seed))
+    rest = rest - torch.logsumexp(rest, -1, keepdim=True) + math.log1p(-p)
+    chosen = torch.full((1, 16, 1), math.log(p))
+    return torch.cat([chosen, rest], -1).to(dtype)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.99, 0.999, 1 - 1e-6])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_logprob_gradient_in_bf16_matches_float64(p, with_base):
+    """The gradient of a bf16 head's log-probs (and KL) is the float64 one, rounded once.
+
+    d log p(y) / dz = onehot(y) - softmax(z): at the chosen token that is 1 - p, a
+    difference of two numbers near 1. Summed in bf16 it is wrong by 17-29% at p ~ 0.99 and
+    by 100% at p >= 0.999 (rounds to 0). The reference is float64 autograd on the same
+    bf16 values. Allowed: one rounding to bf16 (2^-8 relative) plus the fp32 softmax's own
+    rounding before the subtraction (a few fp32 ulps of the row's coefficient, 1e-6 here).
+    """
+    from reasonmaxxer.core.logprobs import policy_logprobs_and_kl
+
+    logits = _logits_with_chosen_probability(p).requires_grad_(True)
+    target = torch.zeros(1, 16, dtype=torch.long)
+    topk = torch.randint(0, 48, (1, 16, 3), generator=_gen(5))
+    base = _logits_with_chosen_probability(min(p, 0.9), seed=1)
+    g_lp, g_top = torch.randn(1, 16, generator=_gen(6)), torch.randn(1, 16, 3, generator=_gen(7))
+    g_kl = torch.rand(1, 16, generator=_gen(8))
+
+    ref_logits = logits.detach().double().requires_grad_(True)
+    ref_all = torch.log_softmax(ref_logits, -1)
+    ref_obj = (ref_all[..., 0] * g_lp).sum() + (ref_all.gather(-1, topk) * g_top).sum()
+    if with_base:
+        lp, top, _, kl = policy_logprobs_and_kl(logits, target, base, topk)
+        ref_kl = (torch.softmax(base.double(), -1) * (torch.log_softmax(base.double(), -1) - ref_all)).sum(-1)
+        ref_obj = ref_obj + (ref_kl * g_kl).sum()
+        obj = (lp * g_lp).sum() + (top * g_top).sum() + (kl * g_kl).sum()
+    else:
+        lp, top = gather_logprobs(logits, target, topk)
+        obj = (lp * g_lp).sum() + (top * g_top).sum()
+    obj.backward()
+    ref_obj.backward()
+    got, want = logits.grad.double(), ref_logits.grad
+    bound = 2.0 ** -8 * want.abs() + 1e-6
+    assert ((got - want).abs() <= bound).all(), (got - want).abs().div(want.abs()).max()
+
+
 def test_gather_logprobs_gradients_match_reference():
     B, T, V, K = 2, 3, 11, 4
     logits = (torch.randn(B, T, V, generator=_gen(6)) * 2).requires_grad_(True)
@@ -292,7 +338,8 @@ def _brute_loss(policy_logp, base_logp, adv, fork, comp, kl, *, kl_coef, variant
     A = lambda b: float(adv[b])
     pos = [(b, t) for b, t in F_ if A(b) > 0]
     neg = [(b, t) for b, t in F_ if A(b) < 0]
-    active_neg = [(b, t) for b, t in neg if math.exp(lp(b, t)) >= neg_prob_floor]
+    # the floor acts in signed and split only
+    active_neg = [(b, t) for b, t in neg if variant not in ("signed", "split") or math.exp(lp(b, t)) >= neg_prob_floor]
     floored = [x for x in neg if x not in active_neg]
 
     def mean(xs):
@@ -778,3 +825,16 @@ def test_loss_stats_are_detached_device_tensors() -> None:
     floats = stats_to_floats(stats)
     assert floats["forks"] == 4.0 and floats["forks_correct"] == 2.0 and floats["forks_wrong"] == 2.0
     assert floats["fork_fraction"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("variant", LOSS_VARIANTS)
+@pytest.mark.parametrize("floored_forks", ["drop", "anchor"])
+def test_forks_floored_counts_only_where_a_floor_acts(variant, floored_forks):
+    """One wrong-rollout fork sits at p = 0.01 < floor: floored in signed/split, nowhere else."""
+    policy_logp = torch.tensor([[0.5, 0.6], [0.01, 0.7]]).log()
+    base_logp = torch.tensor([[0.4, 0.5], [0.05, 0.6]]).log()
+    fork = torch.tensor([[True, False], [True, False]])
+    _, stats = _gated_loss(policy_logp, base_logp, torch.tensor([1.0, -1.0]), fork, torch.ones(2, 2),
+                           torch.full((2, 2), 0.1), kl_coef=0.2, variant=variant, neg_prob_floor=0.05,
+                           floored_forks=floored_forks)
+    assert stats["forks_floored"] == (1.0 if variant in ("signed", "split") else 0.0)

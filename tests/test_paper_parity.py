@@ -30,8 +30,12 @@ TAU_POS, TAU_NEG, BETA = 1.4, 1.0, 0.2
 PROJECT_VARIANT = {"adv_ce": "signed", "correct_sft": "correct_sft", "delta_hinge": "hinge"}
 
 
-def _case():
-    """Four rollouts of one problem (two correct), right-padded completions, left-padded prompts."""
+def _case(rewards=(1.0, 1.0, 0.0, 0.0)):
+    """Four rollouts of one problem, right-padded completions, left-padded prompts.
+
+    The default rewards make two correct and two wrong rollouts; non-binary ones such as
+    (1, 0.5, 0.5, 0) give the middle two an advantage of exactly 0.
+    """
     completion_mask = torch.tensor([
         [1, 1, 1, 1, 1, 0],
         [1, 1, 1, 0, 0, 0],
@@ -69,11 +73,11 @@ def _case():
         [0.18, 0.19, 0.21],
     ], dtype=torch.float64)
     prompt_mask = prompt_kl < 1e5  # left padding
-    rewards = [1.0, 1.0, 0.0, 0.0]
+    rewards = list(rewards)
     return {"completion_mask": completion_mask, "entropy": entropy, "logp": probs.log(),
             # fp32-representable: the project keeps the cached base log-probs in fp32
             "base_logp": base_probs.log().float().double(), "kl": kl, "prompt_kl": prompt_kl, "prompt_mask": prompt_mask,
-            "advantages": _paper_advantages(rewards), "correct": [r > 0 for r in rewards]}
+            "advantages": _paper_advantages(rewards).float().double()}  # fp32-representable, as the base log-probs
 
 
 def _paper_advantages(rewards: list[float], clip: float = 2.5) -> torch.Tensor:
@@ -86,12 +90,13 @@ def _paper_advantages(rewards: list[float], clip: float = 2.5) -> torch.Tensor:
 def _paper_objective(case, objective: str, *, floor: float, logp: torch.Tensor, kl: torch.Tensor,
                      prompt_kl: torch.Tensor, m_pos: float = 0.0, m_neg: float = 0.0) -> torch.Tensor:
     """The published objective, one position at a time, in float64."""
-    comp, H, correct, A = case["completion_mask"], case["entropy"], case["correct"], case["advantages"]
+    comp, H, A = case["completion_mask"], case["entropy"], case["advantages"]
+    correct = [float(a) > 0 for a in A]
     B, C = comp.shape
-    forks = []
+    forks = []  # only rollouts with a positive or a negative advantage have forks
     for b in range(B):
         for t in range(C):
-            if comp[b, t] and H[b, t] > (TAU_POS if correct[b] else TAU_NEG):
+            if comp[b, t] and float(A[b]) != 0 and H[b, t] > (TAU_POS if correct[b] else TAU_NEG):
                 forks.append((b, t))
     if objective == "adv_ce":
         effective = [(b, t) for b, t in forks
@@ -137,8 +142,11 @@ def _project_objective(case, objective: str, *, floor: float, logp, kl, prompt_k
     ("delta_hinge", 0.0, (0.0, 0.0)),
     ("delta_hinge", 0.0, (0.25, 0.75)),  # fp32-exact margins (the project casts A to fp32)
 ])
-def test_loss_and_gradients_equal_the_papers_objective(objective, floor, margins):
-    case = _case()
+@pytest.mark.parametrize("rewards", [(1.0, 1.0, 0.0, 0.0), (1.0, 0.5, 0.5, 0.0)], ids=["binary", "zero_advantage"])
+def test_loss_and_gradients_equal_the_papers_objective(objective, floor, margins, rewards):
+    case = _case(rewards)
+    if rewards[1] == 0.5:
+        assert float(case["advantages"][1]) == 0.0 == float(case["advantages"][2])
     m_pos, m_neg = margins
     grads = []
     values = []

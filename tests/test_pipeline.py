@@ -208,3 +208,25 @@ def test_prompt_and_reward_settings_redo_the_rollouts(override):
     after = Pipeline(load_config(None, override)).fingerprints()
     assert after["rollouts"] != before["rollouts"]
     assert all(after[stage] != before[stage] for stage in ("scoring", "selection", "training"))
+
+
+def test_scoring_summary_takes_the_share_above_tau_at_the_current_tau_on_resume(tiny_model_dir, tmp_path):
+    """gate.tau is not in the scoring fingerprint (a new tau must not redo the scoring), so a
+    skipped scoring stage re-takes the share from the stored entropies at the new tau."""
+    from reasonmaxxer.stages.scoring import load_scores
+
+    run = tmp_path / "run"
+    for stage in ("problems", "rollouts", "scoring"):
+        assert train_main(tiny_run_args(tiny_model_dir, run, "--stage", stage)) == 0
+    scores_before = sorted(p.read_bytes() for p in (run / "scores").glob("*.safetensors"))
+    entropy = torch.cat([s["entropy"] for s in load_scores(run / "scores", keys=("entropy",)).values()])
+    taus = [round(float(entropy.quantile(q)), 3) for q in (0.2, 0.8)]
+    shares = []
+    for tau in taus:
+        assert train_main(tiny_run_args(tiny_model_dir, run, "--stage", "scoring", "--gate.tau", str(tau))) == 0
+        summary = json.loads((run / "stages" / "scoring.json").read_text())["summary"]
+        assert summary["share_tau"] == tau
+        assert summary["share_above_tau"] == pytest.approx(float((entropy > tau).float().mean()), abs=1e-7)
+        shares.append(summary["share_above_tau"])
+    assert shares[0] > shares[1]  # the two taus really give different shares
+    assert sorted(p.read_bytes() for p in (run / "scores").glob("*.safetensors")) == scores_before  # not redone

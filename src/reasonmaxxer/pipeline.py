@@ -217,7 +217,12 @@ class Pipeline:
         state = self.state(stage)
         dist.barrier()
         if state is not None and state.get("fingerprint") == fp and state.get("done"):
-            return StageResult(stage, state["summary"], state["seconds"], skipped=True)
+            summary = state["summary"]
+            if stage == "scoring" and summary.get("share_tau") != self.cfg.gate.tau:
+                summary = {**summary, **self._share_above_tau(self._scored_entropy())}
+                if dist.is_main():
+                    atomic_write_json(self._state_path(stage), {**state, "summary": summary})
+            return StageResult(stage, summary, state["seconds"], skipped=True)
         if dist.is_main():
             if state is not None and state.get("fingerprint") != fp:
                 self._clear_outputs(stage)  # settings changed: what is there belongs to another config
@@ -286,7 +291,7 @@ class Pipeline:
         return read_jsonl_cut_torn_tail(self.path("rollouts.jsonl"))
 
     def stage_scoring(self) -> dict[str, Any]:
-        from .stages.scoring import load_scores, score_rollouts
+        from .stages.scoring import score_rollouts
 
         model, tokenizer = self.model_and_tokenizer()
         rollouts = self.rollouts()
@@ -296,17 +301,33 @@ class Pipeline:
             chunk_size=self.cfg.scoring.chunk_size, entropy_temperature=self.cfg.entropy_temperature,
             progress=self.progress,
         )
-        import torch
-
-        entropy = torch.cat([s["entropy"] for s in load_scores(self.path("scores"), keys=("entropy",)).values()])
         summary.pop("seconds")
+        entropy = self._scored_entropy()
         summary.update({
             "tokens": int(entropy.numel()),
             "entropy_median": float(entropy.median()),
             "entropy_p90": float(entropy.quantile(0.9)),
-            "share_above_tau": float((entropy > self.cfg.gate.tau).float().mean()),
+            **self._share_above_tau(entropy),
         })
         return summary
+
+    def _scored_entropy(self) -> Any:
+        """(T,) the base entropy of every scored completion token, all rollouts concatenated."""
+        import torch
+
+        from .stages.scoring import load_scores
+
+        return torch.cat([s["entropy"] for s in load_scores(self.path("scores"), keys=("entropy",)).values()])
+
+    def _share_above_tau(self, entropy: Any) -> dict[str, float]:
+        """The scoring summary's gate statistic, with the tau it was taken at.
+
+        ``gate.tau`` is not in the scoring fingerprint (changing it must not redo the
+        scoring), so the share is stored beside its tau and re-taken when a skipped stage
+        finds another tau (:meth:`_run_stage`).
+        """
+        tau = self.cfg.gate.tau
+        return {"share_above_tau": float((entropy > tau).float().mean()), "share_tau": tau}
 
     def stage_selection(self) -> dict[str, Any]:
         from .stages.selection import select_rollouts

@@ -146,6 +146,7 @@ class _TokenLogprobs(torch.autograd.Function):
         coef = (g_lse + g_kl - g_picked.sum(-1)).reshape(N, 1)  # the softmax's weight per row
         g_kl, lse = g_kl.reshape(N, 1), lse.reshape(N, 1)
         z = logits.reshape(N, V)
+        ids_flat, g_picked = ids.reshape(N, -1), g_picked.reshape(N, -1).float()
         grad = torch.empty_like(logits)
         g = grad.view(N, V)
         for s in range(0, N, rows_per_chunk):
@@ -153,12 +154,15 @@ class _TokenLogprobs(torch.autograd.Function):
             if g.dtype == torch.float32:  # write softmax * coef straight into the gradient
                 chunk = torch.sub(z[rows], lse[rows], out=g[rows])
                 chunk.exp_().mul_(coef[rows])
-            else:  # in fp32, cast once: softmax * coef and p_base * g_kl nearly cancel where the KL is small
+            else:  # every term in fp32, one cast at the end (see below)
                 chunk = torch.exp(z[rows].float() - lse[rows]).mul_(coef[rows])
             if base is not None:
                 p, _ = _base_chunk(base.reshape(N, V)[rows], base_lse[rows])
                 chunk -= p.mul_(g_kl[rows])
+            # The one-hot goes in before any cast: at the chosen token softmax * coef and
+            # g_picked nearly cancel (g (1 - p) at p -> 1), and summed in bf16 the
+            # difference rounds away (to 0 at p >= 0.999).
+            chunk.scatter_add_(-1, ids_flat[rows], g_picked[rows])
             if g.dtype != torch.float32:
                 g[rows] = chunk
-        grad.scatter_add_(-1, ids, g_picked.to(grad.dtype))
         return grad, None, None, None

@@ -84,7 +84,9 @@ def fork_gated_loss(
         floored_forks: ``drop`` (a floored fork stays in the fork count |F|, with neither
             push nor anchor) or ``anchor`` (it leaves the fork set: the fork term is
             normalised by |F_eff| = |F| - floored, and the fork joins the anchored set, as
-            the paper's code does).
+            the paper's code does). With ``anchor`` a fork of a rollout whose advantage is
+            exactly 0 also leaves the fork set for the anchor, in every variant: the
+            paper's forks are those of positive and negative rollouts only.
         prompt_kl: (B, P) per-position KL(base || theta) at prompt positions; with
             ``prompt_mask`` they join the anchored set (one mean over both).
         prompt_mask: (B, P) bool, the prompt positions that count (real tokens only).
@@ -108,15 +110,19 @@ def fork_gated_loss(
 
     with torch.no_grad():
         p = policy_logp.exp()
-        if floored_forks == "anchor":  # the paper's rule: p <= floor, and floor 0 is off
+        if variant not in ("signed", "split"):  # the floor acts in these two only
+            floored = torch.zeros_like(neg_forks)
+        elif floored_forks == "anchor":  # the paper's rule: p <= floor, and floor 0 is off
             floored = neg_forks & (p <= neg_prob_floor) if neg_prob_floor > 0 else torch.zeros_like(neg_forks)
         else:
             floored = neg_forks & (p < neg_prob_floor)
     active_neg = neg_forks & ~floored
     nll = -policy_logp
-    # The floor acts in signed and split only. With ``anchor`` a floored fork leaves the
-    # fork term's count and joins the anchor; with ``drop`` it stays in the count.
-    leaves = floored if floored_forks == "anchor" and variant in ("signed", "split") else torch.zeros_like(floored)
+    # With ``anchor`` (the paper's rule) the fork set is the forks of rollouts with a
+    # non-zero advantage that are not floored: a fork of an A = 0 rollout (a non-binary
+    # reward at the group mean) carries no signal, so it leaves the count and joins the
+    # anchor like a floored one. With ``drop`` both stay in the count, unanchored.
+    leaves = floored | (forks & (adv == 0)) if floored_forks == "anchor" else torch.zeros_like(floored)
     anchored = nonforks | leaves
     counted_forks = forks & ~leaves
     counted_neg = neg_forks & ~leaves
@@ -139,7 +145,7 @@ def fork_gated_loss(
         margin_neg = hinge_margin if hinge_margin_neg is None else hinge_margin_neg
         margin = torch.where(adv < 0, torch.full_like(adv, margin_neg), torch.full_like(adv, hinge_margin))
         hinge = torch.relu(margin - torch.sign(adv) * log_ratio) * adv.abs()
-        fork_term = masked_mean(hinge, forks)
+        fork_term = masked_mean(hinge, counted_forks)
 
     kl_term = _anchor_mean(kl, anchored, prompt_kl, prompt_mask)
     loss = fork_term + kl_coef * kl_term
