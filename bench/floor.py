@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from reasonmaxxer.config.loading import config_from_dict  # noqa: E402
 from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
 from reasonmaxxer.stages.scoring import load_scores  # noqa: E402
-from reasonmaxxer.stages.trainer import build_trainer  # noqa: E402
+from reasonmaxxer.training.trainer import build_trainer  # noqa: E402
 from reasonmaxxer.utils.storage import read_jsonl_cut_torn_tail  # noqa: E402
 
 

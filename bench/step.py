@@ -41,8 +41,8 @@ from reasonmaxxer.config.loading import load_config  # noqa: E402
 from reasonmaxxer.models.forward import completion_logits  # noqa: E402
 from reasonmaxxer.models.loading import load_model, load_tokenizer  # noqa: E402
 from reasonmaxxer.stages.scoring import score_batch  # noqa: E402
-from reasonmaxxer.stages.trainer import build_trainer  # noqa: E402
 from reasonmaxxer.testing import build_tiny_model_dir  # noqa: E402
+from reasonmaxxer.training.trainer import build_trainer  # noqa: E402
 from reasonmaxxer.utils.sequences import pack_batch  # noqa: E402
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import yaml
 
-from reasonmaxxer.compare import load_compare
 from reasonmaxxer.errors import ConfigError
 from reasonmaxxer.evaluation.comparison import (
     AT_FIRST,
@@ -24,6 +23,7 @@ from reasonmaxxer.evaluation.comparison import (
     percentile_with_inf,
     ratio_text,
 )
+from reasonmaxxer.jobs.compare import load_compare
 from reasonmaxxer.testing import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,8 +202,8 @@ def test_shipped_compare_files_validate():
     """Every arm loads against the schema; the grpo/online arms where the schema has ``method``."""
     import dataclasses
 
-    from reasonmaxxer.compare import plan_runs
     from reasonmaxxer.config import Config
+    from reasonmaxxer.jobs.compare import plan_runs
 
     has_method = "method" in {f.name for f in dataclasses.fields(Config)}
     for name in ("demo.yaml", "qwen2.5-0.5b.yaml"):
@@ -244,9 +244,9 @@ def mixed_verify(monkeypatch):
 
 @pytest.mark.slow
 def test_compare_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, monkeypatch, mixed_verify, capsys):
-    from reasonmaxxer import compare as compare_module
     from reasonmaxxer.cli import train_main
-    from reasonmaxxer.stages.trainer import ForkGatedTrainer
+    from reasonmaxxer.jobs import compare as compare_module
+    from reasonmaxxer.training.trainer import ForkGatedTrainer
 
     trained_batches: list[tuple[str, int]] = []  # (run's checkpoints folder, non-padding positions) per micro-batch
     real_loss = ForkGatedTrainer.compute_loss
@@ -307,8 +307,8 @@ def test_compare_with_a_grpo_arm_resumes_and_refuses_changed_settings(tiny_model
                                                                        mixed_verify, capsys):
     """An RL arm is trained once, evaluated at its checkpoints, reused by a rerun; a point or run made
     with other settings stops the compare with one line instead of being reused."""
-    from reasonmaxxer import compare as compare_module
     from reasonmaxxer.cli import train_main
+    from reasonmaxxer.jobs import compare as compare_module
     from reasonmaxxer.models.loading import load_model
 
     n_params = sum(p.numel() for p in load_model(str(tiny_model_dir), dtype="float32", device="cpu").parameters())

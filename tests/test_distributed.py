@@ -100,7 +100,7 @@ def _base_heldout_tokens(model_dir: Path, run: Path) -> float:
 
     from reasonmaxxer.config.loading import load_config
     from reasonmaxxer.data.problem import read_split
-    from reasonmaxxer.stages.heldout_eval import sample_heldout, step_seed
+    from reasonmaxxer.training.heldout_eval import sample_heldout, step_seed
 
     cfg = load_config(None, tiny_run_args(model_dir, run)[1:])
     problems = read_split(run / "problems.jsonl", "heldout")[: cfg.eval.during_training_problems]

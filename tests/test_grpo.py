@@ -10,9 +10,9 @@ from reasonmaxxer.cli import train_main
 from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.data.problem import read_split
 from reasonmaxxer.models.loading import load_model, load_tokenizer
-from reasonmaxxer.stages.grpo import build_grpo_trainer, grpo_dataset
 from reasonmaxxer.stages.sampling import prompt_ids
 from reasonmaxxer.testing import tiny_run_args
+from reasonmaxxer.training.grpo import build_grpo_trainer, grpo_dataset
 from reasonmaxxer.utils.flops import model_flops
 
 GENERATED: list[tuple[str, int]] = []
@@ -131,7 +131,7 @@ def test_grpo_mistakes_are_one_line_and_no_work(name, args, expected, tiny_model
 
 
 def test_offline_fingerprint_is_unchanged_by_the_method_key(tiny_model_dir, tmp_path):
-    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.jobs.pipeline import Pipeline
 
     base = ["--model.name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path)]
     offline = Pipeline(load_config(None, base)).fingerprints()

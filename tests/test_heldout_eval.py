@@ -1,4 +1,4 @@
-"""Held-out pass@1 during training (reasonmaxxer.stages.heldout_eval)."""
+"""Held-out pass@1 during training (reasonmaxxer.training.heldout_eval)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_callback import TrainerControl
 
-import reasonmaxxer.stages.heldout_eval as heldout_eval
 import reasonmaxxer.stages.rollouts as rollouts_module
+import reasonmaxxer.training.heldout_eval as heldout_eval
 from reasonmaxxer.cli import train_main
 from reasonmaxxer.config import DataConfig, RolloutConfig
 from reasonmaxxer.config.loading import config_from_dict
 from reasonmaxxer.data.problem import Problem, read_split
-from reasonmaxxer.stages.heldout_eval import HeldoutEval, pass_at_1, sample_heldout, step_seed
 from reasonmaxxer.testing import tiny_run_args
+from reasonmaxxer.training.heldout_eval import HeldoutEval, pass_at_1, sample_heldout, step_seed
 
 
 def _hash_verify(text: str, answer: str, answer_format: str = "any") -> tuple[float, None]:

@@ -17,14 +17,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "reasonmaxxer"
 
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: dict[str, int] = {
-    "core": 0,
+    "core": 0,                          # pure tensor math, torch only
     "errors": 1, "utils": 1,
-    "data": 2,
+    "data": 2,                          # problem sources, prompts, answer checking
     "config": 3, "models": 3,
-    "stages": 4, "tracking": 4,
-    "evaluation": 5,
-    "pipeline": 6,
-    "sweep": 7, "compare": 7,
+    "stages": 4, "tracking": 4,         # the data stages: rollouts, scoring, selection
+    "training": 5,                      # the trainers, their checks and outputs
+    "evaluation": 6,
+    "jobs": 7,                          # pipeline, sweep, compare: compose the layers below
     "cli": 8, "testing": 8, "__init__": 8,
 }
 
@@ -91,7 +91,7 @@ def test_no_layer_imports_a_higher_one(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "core").rglob("*.py")), ids=lambda p: p.name)
 def test_core_imports_only_torch(path: Path) -> None:
-    allowed_stdlib = {"__future__", "math", "typing"}
+    allowed_stdlib = {"__future__", "importlib", "math", "typing"}
     for name in _imports(path):
         top = name.split(".")[0]
         if top == "reasonmaxxer":
@@ -102,9 +102,9 @@ def test_core_imports_only_torch(path: Path) -> None:
 
 def test_the_checker_sees_a_violation() -> None:
     """Relative and lazy imports resolve to the module they name, so the checks above can fail."""
-    names = _imports_in("def f():\n    from ..pipeline import Pipeline\n", "reasonmaxxer.core")
-    assert "reasonmaxxer.pipeline" in names and _is_project_module("reasonmaxxer.pipeline")
-    assert LAYERS[_layer("reasonmaxxer.pipeline")] > LAYERS["core"]
+    names = _imports_in("def f():\n    from ..jobs.pipeline import Pipeline\n", "reasonmaxxer.core")
+    assert "reasonmaxxer.jobs.pipeline" in names and _is_project_module("reasonmaxxer.jobs.pipeline")
+    assert LAYERS[_layer("reasonmaxxer.jobs.pipeline")] > LAYERS["core"]
     assert "reasonmaxxer.core.ops" in _imports_in("from .ops import masked_mean\n", "reasonmaxxer.core")
 
 
@@ -138,3 +138,49 @@ def test_core_imports_without_the_rest_of_the_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(PACKAGE.parent), "PATH": ""})
     assert out.stdout.strip() == "", out.stdout
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """Every import, lazy ones included, runs one way: the module graph has no cycle."""
+    graph = {_module_name(p): {n for n in _imports(p) if _is_project_module(n)} for p in SOURCES}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + (module,)))
+        if module in done:
+            return
+        for name in graph.get(module, ()):
+            if name != module:
+                visit(name, path + (module,))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
+    with pytest.raises(AssertionError, match="import cycle"):  # the check itself can fail
+        graph = {"a": {"b"}, "b": {"a"}}
+        done.clear()
+        visit("a", ())
+
+
+def test_config_and_cli_import_without_torch() -> None:
+    """``train.py --help`` and config validation do not pay for torch (seconds to import)."""
+    import subprocess
+
+    code = ("import sys; import reasonmaxxer.config, reasonmaxxer.config.reference, reasonmaxxer.cli; "
+            "print(','.join(m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(PACKAGE.parent), "PATH": ""})
+    assert out.stdout.strip() == "", out.stdout
+
+
+@pytest.mark.parametrize("package", ["reasonmaxxer", "reasonmaxxer.core"])
+def test_lazy_exports_resolve_and_match_all(package: str) -> None:
+    import importlib
+
+    module = importlib.import_module(package)
+    assert sorted(module.__all__) == sorted(module._EXPORTS)
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(importlib.import_module(module._EXPORTS[name], package), name)
+    with pytest.raises(AttributeError):
+        module.not_a_name  # noqa: B018

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from reasonmaxxer.config import load_config
-from reasonmaxxer.stages import model_card
-from reasonmaxxer.stages.model_card import base_model_hub_id, hub_repo_id, push_adapter, write_model_card
+from reasonmaxxer.training import model_card
+from reasonmaxxer.training.model_card import base_model_hub_id, hub_repo_id, push_adapter, write_model_card
 
 TRAIN_LOG = [
     {"loss": 0.91, "fork_fraction": 0.25, "fork_term": 0.5, "kl_term": 0.01, "step": 1},

@@ -100,7 +100,7 @@ def test_stage_alone_needs_its_inputs(tiny_model_dir, tmp_path, capsys):
 def test_eval_settings_are_not_in_the_training_fingerprint():
     """Evaluation during training changes what is logged, not the adapter: no retraining for it."""
     from reasonmaxxer.config.loading import load_config
-    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.jobs.pipeline import Pipeline
 
     plain = Pipeline(load_config(None)).fingerprints()
     evaluated = Pipeline(load_config(None, ["--eval.every_steps", "5", "--eval.during_training_problems", "3"]))
@@ -202,7 +202,7 @@ def test_diverging_training_stops_with_one_line_and_saves_no_adapter(tiny_model_
                                       ["--data.shuffle", "true"]])
 def test_prompt_and_reward_settings_redo_the_rollouts(override):
     from reasonmaxxer.config.loading import load_config
-    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.jobs.pipeline import Pipeline
 
     before = Pipeline(load_config(None, [])).fingerprints()
     after = Pipeline(load_config(None, override)).fingerprints()

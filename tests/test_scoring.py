@@ -262,7 +262,7 @@ def test_lazy_scores_equal_the_eager_loader_and_read_only_what_is_asked(model, t
     import safetensors
 
     from reasonmaxxer.stages.scoring import LazyScores
-    from reasonmaxxer.stages.trainer import ForkCollator
+    from reasonmaxxer.training.trainer import ForkCollator
 
     rollouts = _rollouts(model.config.vocab_size)
     score_rollouts(model, rollouts, tmp_path, **dict(KW, batch_size=3))  # several shards

@@ -13,7 +13,7 @@ import yaml
 
 from reasonmaxxer.config.loading import parse_overrides
 from reasonmaxxer.errors import ConfigError
-from reasonmaxxer.sweep import expand_grid, load_sweep, point_args, sweep_configs
+from reasonmaxxer.jobs.sweep import expand_grid, load_sweep, point_args, sweep_configs
 from reasonmaxxer.testing import tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_hierarchical_bootstrap_matches_the_enumerated_distribution():
 
 
 def test_shipped_seed_sweep_shares_stages_per_seed():
-    from reasonmaxxer.sweep import shared_stage_configs
+    from reasonmaxxer.jobs.sweep import shared_stage_configs
 
     demo = str(ROOT / "configs" / "demo.yaml")
     spec = load_sweep(ROOT / "configs" / "sweeps" / "demo_seeds.yaml")
@@ -237,8 +237,8 @@ def test_shipped_seed_sweep_shares_stages_per_seed():
 def test_shipped_tau_seed_sweep_reuses_the_seed_ablations_rollouts():
     """demo_tau_seeds runs tau 1.4, 2.2 and 3.0 at demo_seeds' seeds with the README's tau-table sizing;
     its problems, rollouts, scoring and selection are demo_seeds' (same folders, same fingerprints)."""
-    from reasonmaxxer.pipeline import Pipeline
-    from reasonmaxxer.sweep import shared_stage_configs
+    from reasonmaxxer.jobs.pipeline import Pipeline
+    from reasonmaxxer.jobs.sweep import shared_stage_configs
 
     demo = str(ROOT / "configs" / "demo.yaml")
     seeds_spec = load_sweep(ROOT / "configs" / "sweeps" / "demo_seeds.yaml")
@@ -261,7 +261,7 @@ def test_shipped_tau_seed_sweep_reuses_the_seed_ablations_rollouts():
 
 def test_agent_points_of_different_seeds_get_their_own_folders(tmp_path, monkeypatch):
     from reasonmaxxer.config.loading import load_config
-    from reasonmaxxer.sweep import agent_run_dir, agent_shared_dir
+    from reasonmaxxer.jobs.sweep import agent_run_dir, agent_shared_dir
 
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc")
     folders = {}
@@ -300,9 +300,9 @@ def _count(monkeypatch, cls_or_module, name):
 
 @pytest.mark.slow
 def test_local_sweep_reuses_rollouts_and_resumes(tiny_model_dir, tmp_path, monkeypatch, mixed_verify, capsys):
-    from reasonmaxxer import sweep as sweep_module
     from reasonmaxxer.cli import train_main
-    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.jobs import sweep as sweep_module
+    from reasonmaxxer.jobs.pipeline import Pipeline
 
     sweep = _sweep_file(tmp_path, {"gate.mode": {"values": ["topk", "all"]}, "gate.k": {"values": [2, 3]}},
                         name="t")
@@ -361,7 +361,7 @@ def test_wandb_agent_point_runs_in_its_own_folder_and_logs_to_wandb(tiny_model_d
     # tracking.report_to stays at its default, none, as in the demo config the shipped sweeps use.
     args = [*tiny_run_args(tiny_model_dir, tmp_path / "run"), "--eval.num_samples", "2", "--eval.bootstrap", "100",
             "--eval.movement_rollouts", "4", "--gate.mode=topk", "--gate.k=2"]
-    with caplog.at_level(logging.INFO, logger="reasonmaxxer.sweep"):
+    with caplog.at_level(logging.INFO, logger="reasonmaxxer.jobs.sweep"):
         assert train_main(args) == 0
     assert len([r for r in caplog.records if "tracking switched on" in r.getMessage()]) == 1
     points = list((tmp_path / "run" / "sweeps" / "abc123").iterdir())
@@ -389,7 +389,7 @@ def test_wandb_agent_point_runs_in_its_own_folder_and_logs_to_wandb(tiny_model_d
 @pytest.mark.slow
 def test_sweep_over_seeds_shares_stages_per_seed_and_aggregates(tiny_model_dir, tmp_path, monkeypatch, mixed_verify):
     from reasonmaxxer.cli import train_main
-    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.jobs.pipeline import Pipeline
 
     sweep = _sweep_file(tmp_path, {"gate.mode": {"values": ["topk", "all"]}, "gate.k": {"value": 2},
                                    "seed": {"values": [0, 1]}}, name="s")

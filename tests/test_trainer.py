@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.errors import TrainingDivergedError
 from reasonmaxxer.stages.scoring import score_batch
-from reasonmaxxer.stages.trainer import build_trainer, last_complete_checkpoint
+from reasonmaxxer.training.trainer import build_trainer, last_complete_checkpoint
 from reasonmaxxer.utils.sequences import pack_batch
 
 

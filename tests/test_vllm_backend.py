@@ -119,7 +119,7 @@ def test_vllm_sizes_enter_the_rollouts_fingerprint_only_when_set(tmp_path):
     """Runs made before these keys existed keep their rollouts: at their defaults the fingerprint is
     the one computed from the rollout settings without them; set, they change it (samples may differ)."""
     from reasonmaxxer.config.loading import load_config
-    from reasonmaxxer.pipeline import Pipeline
+    from reasonmaxxer.jobs.pipeline import Pipeline
     from reasonmaxxer.utils.storage import fingerprint
 
     def rollouts_fp(*overrides):

@@ -1,14 +1,30 @@
 """ReasonMaxxer: entropy-gated fine-tuning of reasoning models at their decision forks."""
 
-from .core.entropy import token_entropy, token_stats
-from .core.gate import fork_mask
-from .core.kl import exact_kl, topk_kl
-from .core.logprobs import gather_logprobs
-from .core.loss import fork_gated_loss
-from .errors import ConfigError, DataError, UserError
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from .core.entropy import token_entropy, token_stats
+    from .core.gate import fork_mask
+    from .core.kl import exact_kl, topk_kl
+    from .core.logprobs import gather_logprobs
+    from .core.loss import fork_gated_loss
+    from .errors import ConfigError, DataError, UserError
+
+_EXPORTS: dict[str, str] = {
+    "token_entropy": ".core.entropy",
+    "token_stats": ".core.entropy",
+    "fork_mask": ".core.gate",
+    "exact_kl": ".core.kl",
+    "topk_kl": ".core.kl",
+    "gather_logprobs": ".core.logprobs",
+    "fork_gated_loss": ".core.loss",
+    "ConfigError": ".errors",
+    "DataError": ".errors",
+    "UserError": ".errors",
+}
 __all__ = [
     "ConfigError",
     "DataError",
@@ -21,3 +37,17 @@ __all__ = [
     "token_stats",
     "topk_kl",
 ]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing a torch-free submodule (the config) does not import torch.
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

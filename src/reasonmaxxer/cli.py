@@ -91,7 +91,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--compare runs its arms one after another in one process; launch it with "
                             "`python train.py`, without torchrun or --stage")
         if args.compare:
-            from .compare import compare_plan, run_compare
+            from .jobs.compare import compare_plan, run_compare
 
             if args.plan:
                 print(compare_plan(args.config, overrides, args.compare))
@@ -107,25 +107,25 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise UserError("--plan prints what a sweep or comparison would do; pass it with --sweep FILE or "
                             "--compare FILE")
         if args.sweep and args.plan:
-            from .sweep import sweep_plan
+            from .jobs.sweep import sweep_plan
 
             print(sweep_plan(args.config, overrides, args.sweep))
             return 0
         if args.sweep:
-            from .sweep import run_sweep
+            from .jobs.sweep import run_sweep
 
             sweep_dir = run_sweep(args.config, overrides, args.sweep, progress=not args.no_progress)
             print(f"\nsweep finished in {time.perf_counter() - start:.0f} s: {sweep_dir}/ablation.md")
             print((sweep_dir / "ablation.md").read_text())
             return 0
         cfg = load_config(args.config, overrides)
-        from .sweep import agent_run_dir
+        from .jobs.sweep import agent_run_dir
 
         point_dir = agent_run_dir(cfg, overrides)
         if point_dir is not None and dist.world_size() > 1:
             raise UserError("a `wandb agent` sweep point runs in one process; start the agent without torchrun")
         if point_dir is not None:  # one point of a `wandb agent` sweep: train and evaluate it
-            from .sweep import agent_point_config, agent_shared_dir, ensure_shared_stages, run_point
+            from .jobs.sweep import agent_point_config, agent_shared_dir, ensure_shared_stages, run_point
 
             shared_dir = agent_shared_dir(args.config, overrides, cfg)  # the folder of this point's seed
             shared_cfg = dataclasses.replace(cfg, output_dir=str(shared_dir))
@@ -133,8 +133,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             row = run_point({}, agent_point_config(cfg, point_dir), shared_dir, not args.no_progress)
             print(f"\nsweep point in {point_dir}: delta pass@1 {row['delta_pass_at_1']}, kl_ratio {row['kl_ratio']}")
             return 0
-        from .pipeline import Pipeline, summary_table
-        from .stages.export import merge_adapter, trained_adapter_dir
+        from .jobs.pipeline import Pipeline, summary_table
+        from .training.export import merge_adapter, trained_adapter_dir
         from .utils.lock import hold_run_folder
 
         if args.merge and args.stage not in (None, "training"):

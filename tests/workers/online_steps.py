@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-import reasonmaxxer.stages.trainer as trainer_module
+import reasonmaxxer.training.trainer as trainer_module
 from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.data.builtin import builtin_arithmetic
 from reasonmaxxer.models.loading import load_model, load_tokenizer
-from reasonmaxxer.stages.grpo import build_grpo_trainer
-from reasonmaxxer.stages.online import OnlineGatedTrainer
 from reasonmaxxer.stages.rollouts import RolloutReward
+from reasonmaxxer.training.grpo import build_grpo_trainer
+from reasonmaxxer.training.online import OnlineGatedTrainer
 
 
 def odd_token_reward(prompts, completions, completion_ids, **kwargs):

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from reasonmaxxer.core.gate import fork_mask, quantile_threshold
-from reasonmaxxer.stages.trainer import gather_across_processes
+from reasonmaxxer.training.trainer import gather_across_processes
 
 
 def shared_batch() -> tuple[torch.Tensor, torch.Tensor]:

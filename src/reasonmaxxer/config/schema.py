@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..core.gate import GateMode, ReferenceMode
-from ..core.loss import FlooredForks, LossVariant
+from ..core.options import FlooredForks, GateMode, LossVariant, ReferenceMode
 from ..data.builtin import PROBLEM_KINDS
 from ..data.prompts import PROMPT_PRESETS, PromptFormat, PromptPreset
 from ..data.rewards import AnswerFormat

@@ -7,21 +7,12 @@ and the completion mask. Shapes: B batch, C completion positions.
 
 from __future__ import annotations
 
-import typing
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
 from .ops import linear_quantile
-
-GateMode = Literal["threshold", "quantile", "topk", "all", "random"]
-"""``threshold``: H > tau; ``quantile``: top rho of the batch; ``topk``: k per sequence;
-``all`` and ``random``: the dense and the matched random controls."""
-GATE_MODES: tuple[str, ...] = typing.get_args(GateMode)
-
-ReferenceMode = Literal["threshold", "quantile", "topk"]
-"""The entropy gates: those a ``random`` control can match the per-sequence counts of."""
-REFERENCE_MODES: tuple[str, ...] = typing.get_args(ReferenceMode)
+from .options import GATE_MODES, REFERENCE_MODES, GateMode, ReferenceMode  # noqa: F401 (re-exported)
 
 
 def quantile_threshold(

@@ -9,26 +9,10 @@ shapes: B batch, C completion positions, P prompt positions.
 
 from __future__ import annotations
 
-import typing
-from typing import Literal
-
 import torch
 
 from .ops import masked_mean
-
-LossVariant = Literal["signed", "positive_only", "hinge", "split", "correct_sft"]
-"""``signed``: A * NLL at forks (the paper's ``adv_ce``); ``positive_only``: A-weighted
-gated SFT on correct rollouts; ``hinge``: on log pi - log pi_base (the paper's
-``delta_hinge``); ``split``: positive and negative forks normalised apart;
-``correct_sft``: unweighted NLL at correct rollouts' forks, every other position anchored
-(the paper's ``correct_sft``)."""
-LOSS_VARIANTS: tuple[str, ...] = typing.get_args(LossVariant)
-
-FlooredForks = Literal["anchor", "drop"]
-"""What a floored wrong-rollout fork becomes: ``anchor`` (it leaves the fork set and is
-KL-anchored; the paper's rule) or ``drop`` (it keeps its place in the fork count and
-gets neither push nor anchor)."""
-FLOORED_FORKS: tuple[str, ...] = typing.get_args(FlooredForks)
+from .options import FLOORED_FORKS, LOSS_VARIANTS, FlooredForks, LossVariant  # noqa: F401 (re-exported)
 
 LOSS_STATS: tuple[str, ...] = (
     "loss", "fork_term", "kl_term", "fork_fraction", "forks", "forks_correct", "forks_wrong", "forks_floored",

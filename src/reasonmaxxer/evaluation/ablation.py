@@ -16,7 +16,7 @@ import numpy as np
 
 from ..utils.storage import atomic_write_text
 from .accuracy import hierarchical_bootstrap_delta
-from .report import fmt
+from .formatting import fmt
 
 SEED_KEY = "seed"
 AVERAGED = ("fork_fraction", "kl_ratio", "kl_mean_all", "top1_agreement_nonfork", "pass_at_1_base",

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..utils.storage import atomic_write_text
 from .accuracy import hierarchical_bootstrap_delta
-from .report import fmt
+from .formatting import fmt
 
 REACHED, AT_FIRST, NOT_REACHED = "reached", "at_first_point", "not_reached"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .report import fmt
+from .formatting import fmt
 
 
 def _rollout_html(r: dict[str, Any], per: dict[str, torch.Tensor], tokenizer: Any, h_max: float) -> str:

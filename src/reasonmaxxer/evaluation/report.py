@@ -6,14 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.storage import atomic_write_text
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+from .formatting import fmt
 
 
 def markdown(movement: dict[str, Any], accuracy: dict[str, Any], top: list[dict[str, Any]], plots: list[str]) -> str:

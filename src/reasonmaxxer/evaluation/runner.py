@@ -26,9 +26,9 @@ from ..core.gate import gate_mask
 from ..data.problem import Problem, read_split
 from ..data.sources import load_problems
 from ..errors import ConfigError, DataError
-from ..stages.model_card import write_model_card
 from ..stages.rollouts import RolloutReward, run_rollouts
 from ..stages.sampling import resolve_prompt_format
+from ..training.model_card import write_model_card
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json, fingerprint, read_json, read_jsonl_cut_torn_tail
 from .accuracy import accuracy_summary, paired_bootstrap_delta, per_problem_rewards

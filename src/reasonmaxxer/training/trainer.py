@@ -28,11 +28,11 @@ from ..core.ops import masked_mean
 from ..data.problem import Problem
 from ..errors import ConfigError, TrainingDivergedError
 from ..models.forward import policy_token_stats, prompt_logits
+from ..stages.rollouts import RolloutReward
 from ..utils.sequences import pack_batch, pad_ragged
 from ..utils.storage import atomic_write_json
 from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, push_adapter, run_name, write_model_card
-from .rollouts import RolloutReward
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
@@ -329,7 +329,7 @@ def build_trainer(
     """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``.
 
     With ``cfg.eval.every_steps`` > 0 it also logs the held-out pass@1 of the policy on
-    ``heldout`` (see :mod:`reasonmaxxer.stages.heldout_eval`).
+    ``heldout`` (see :mod:`reasonmaxxer.training.heldout_eval`).
     """
     import peft
     from trl import SFTConfig

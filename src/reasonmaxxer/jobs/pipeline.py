@@ -18,14 +18,14 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import Config
-from .data.problem import Problem, read_split
-from .data.sources import load_problems
-from .errors import ConfigError, DataError
-from .tracking import Tracker, redact
-from .utils import distributed as dist
-from .utils.flops import ComputeLedger, base_parameter_count
-from .utils.storage import (
+from ..config import Config
+from ..data.problem import Problem, read_split
+from ..data.sources import load_problems
+from ..errors import ConfigError, DataError
+from ..tracking import Tracker, redact
+from ..utils import distributed as dist
+from ..utils.flops import ComputeLedger, base_parameter_count
+from ..utils.storage import (
     atomic_write_json,
     atomic_write_text,
     fingerprint,
@@ -108,7 +108,7 @@ class Pipeline:
                                           "loss": c["loss"],
                                           "lora": c["lora"], "training": c["training"], "seed": c["seed"]})
             return fp
-        from .config import grpo_arguments
+        from ..config import grpo_arguments
 
         # The trainer samples, rewards and (online) gates itself: all of that is in its fingerprint.
         sampling = {"up": fp["problems"], "method": self.cfg.method, "grpo": grpo_arguments(self.cfg),
@@ -127,7 +127,7 @@ class Pipeline:
     # ------------------------------------------------------------------ model
     def model_and_tokenizer(self) -> tuple[Any, Any]:
         if self._model is None:
-            from .models.loading import load_model, load_tokenizer
+            from ..models.loading import load_model, load_tokenizer
 
             m = self.cfg.model
             self._tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
@@ -147,19 +147,19 @@ class Pipeline:
             raise ConfigError(f"--stage: method {self.cfg.method} has no {only} stage (its trainer samples as it "
                               f"trains); its stages are {', '.join(self.stage_names())}")
         if only is None or only in ("rollouts", "scoring", "training"):
-            from .models.loading import check_model_source
+            from ..models.loading import check_model_source
 
             check_model_source(self.cfg.model.name_or_path)
         if only in (None, "rollouts", "training") and self.cfg.reward.function is not None:
-            from .stages.rollouts import RolloutReward
+            from ..stages.rollouts import RolloutReward
 
             self._reward = RolloutReward.from_config(self.cfg)  # a bad reward.function stops before any work
         if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm" and self.cfg.method == "offline":
-            from .stages.vllm_backend import require_vllm
+            from ..stages.vllm_backend import require_vllm
 
             require_vllm()
         if only in (None, "training") and self.cfg.eval.every_steps:
-            from .stages.heldout_eval import sharded_weights
+            from ..training.heldout_eval import sharded_weights
 
             if (sharded := sharded_weights(self.cfg.training)) is not None:
                 raise ConfigError(f"eval.every_steps: evaluation during training samples with the whole model in each "
@@ -262,7 +262,7 @@ class Pipeline:
         return read_split(self.path("problems.jsonl"), split)
 
     def stage_rollouts(self) -> dict[str, Any]:
-        from .stages.rollouts import RolloutReward, run_rollouts
+        from ..stages.rollouts import RolloutReward, run_rollouts
 
         if self._reward is None:
             self._reward = RolloutReward.from_config(self.cfg)
@@ -271,8 +271,8 @@ class Pipeline:
             if dist.world_size() > 1:
                 raise ConfigError("rollout.backend: vllm uses the GPUs of one process; run `--stage rollouts` "
                                   "with `python train.py`, then the other stages with torchrun")
-            from .models.loading import load_tokenizer, resolve_model_path
-            from .stages.vllm_backend import VllmSampler
+            from ..models.loading import load_tokenizer, resolve_model_path
+            from ..stages.vllm_backend import VllmSampler
 
             m = self.cfg.model
             path = resolve_model_path(m.name_or_path)
@@ -291,7 +291,7 @@ class Pipeline:
         return read_jsonl_cut_torn_tail(self.path("rollouts.jsonl"))
 
     def stage_scoring(self) -> dict[str, Any]:
-        from .stages.scoring import score_rollouts
+        from ..stages.scoring import score_rollouts
 
         model, tokenizer = self.model_and_tokenizer()
         rollouts = self.rollouts()
@@ -315,7 +315,7 @@ class Pipeline:
         """(T,) the base entropy of every scored completion token, all rollouts concatenated."""
         import torch
 
-        from .stages.scoring import load_scores
+        from ..stages.scoring import load_scores
 
         return torch.cat([s["entropy"] for s in load_scores(self.path("scores"), keys=("entropy",)).values()])
 
@@ -330,7 +330,7 @@ class Pipeline:
         return {"share_above_tau": float((entropy > tau).float().mean()), "share_tau": tau}
 
     def stage_selection(self) -> dict[str, Any]:
-        from .stages.selection import select_rollouts
+        from ..stages.selection import select_rollouts
 
         rows, summary = select_rollouts(self.rollouts(), self.cfg.selection)
         if dist.is_main():
@@ -340,8 +340,8 @@ class Pipeline:
     def stage_training(self) -> dict[str, Any]:
         if self.cfg.method != "offline":
             return self._train_sampling()
-        from .stages.scoring import LazyScores
-        from .stages.trainer import build_trainer, train_adapter
+        from ..stages.scoring import LazyScores
+        from ..training.trainer import build_trainer, train_adapter
 
         model, tokenizer = self.model_and_tokenizer()
         # The eval section is not in the training fingerprint: it changes what is logged, not the adapter.
@@ -363,7 +363,7 @@ class Pipeline:
 
     def _train_sampling(self) -> dict[str, Any]:
         """Method grpo/online: the trainer samples the training problems itself."""
-        from .stages.grpo import build_grpo_trainer, train_grpo
+        from ..training.grpo import build_grpo_trainer, train_grpo
 
         model, tokenizer = self.model_and_tokenizer()
         heldout = self.problems("heldout")[: self.cfg.eval.during_training_problems] if self.cfg.eval.every_steps else None

@@ -33,18 +33,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config, read_yaml
-from .errors import ConfigError, UserError
-from .sweep import _run_shared_stages, link_shared_stages, point_args
-from .utils.lock import hold_folder
-from .utils.storage import atomic_write_json, fingerprint, read_json
+from ..config import Config, load_config, read_yaml
+from ..errors import ConfigError, UserError
+from ..utils.lock import hold_folder
+from ..utils.storage import atomic_write_json, fingerprint, read_json
+from .shared import link_shared_stages, run_shared_stages
+from .sweep import point_args
 
 logger = logging.getLogger(__name__)
 
 COMPARE_KEYS = ("name", "config", "overrides", "seeds", "budget", "checkpoints", "arms", "offline_scales",
                 "reference", "tokens_per_sample", "n_params")
 OFFLINE = "offline"
-SHARED_STAGES = ("problems", "rollouts", "scoring", "selection")
 FAIR_SECTIONS = ("model", "data", "reward", "lora", "eval")
 """Arms may not override these sections: every arm trains the same LoRA on the same problems and verifier."""
 FAIR_KEYS = ("seed", "output_dir", "scoring.entropy_temperature", "training.max_steps", "training.num_train_epochs",
@@ -277,7 +277,7 @@ def parameter_count(spec: CompareSpec, cfg: Config) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models.loading import resolve_model_path
+    from ..models.loading import resolve_model_path
 
     try:
         path = resolve_model_path(cfg.model.name_or_path)
@@ -427,8 +427,8 @@ def _shared_config(spec: CompareSpec, cli_overrides: list[str], seed: int, scale
 
 
 def _run_pipeline(cfg: Config, progress: bool, shared: Path | None) -> None:
+    from ..tracking import Tracker
     from .pipeline import Pipeline
-    from .tracking import Tracker
 
     run_dir = Path(cfg.output_dir)
     with hold_folder(run_dir):
@@ -461,10 +461,10 @@ def _compute_record(cfg: Config, n_params: int) -> dict[str, Any]:
 
 
 def _eval_point(point: dict[str, Any], adapter: Path, eval_cfg: Config, out: Path, progress: bool) -> dict[str, Any]:
-    from .evaluation.accuracy import per_problem_delta, per_problem_rewards
-    from .evaluation.runner import run_eval
-    from .tracking import Tracker
-    from .utils.storage import read_jsonl_cut_torn_tail
+    from ..evaluation.accuracy import per_problem_delta, per_problem_rewards
+    from ..evaluation.runner import run_eval
+    from ..tracking import Tracker
+    from ..utils.storage import read_jsonl_cut_torn_tail
 
     quiet = Tracker(eval_cfg, out, enabled=False)  # the compare's own W&B run gets the table
     shared = Path(eval_cfg.output_dir)
@@ -553,7 +553,7 @@ def _arm_points(spec: CompareSpec, cli_overrides: list[str], ar: ArmRun, root: P
             print(f"\n=== compare {spec.name}: {ar.arm.name}, seed {ar.seed}, {label}", flush=True)
             shared = _shared_config(spec, cli_overrides, ar.seed, scale, root)
             with hold_folder(shared.output_dir):
-                _run_shared_stages(shared, progress)
+                run_shared_stages(shared, progress)
             _run_pipeline(cfg, progress, Path(shared.output_dir))
             record = _compute_record(cfg, n_params)
             point = {"arm": ar.arm.name, "method": ar.method, "seed": ar.seed, "index": index, "label": label,
@@ -595,9 +595,9 @@ def _arm_points(spec: CompareSpec, cli_overrides: list[str], ar: ArmRun, root: P
 
 def run_compare(config_path: str | None, cli_overrides: list[str], compare_path: str, progress: bool = True) -> Path:
     """Run every arm x seed to the budget, evaluate its points; write compare.{md,json,png} and return its folder."""
-    from .evaluation.comparison import arm_curve, ratio_rows, write_comparison
+    from ..evaluation.comparison import arm_curve, ratio_rows, write_comparison
+    from ..tracking import Tracker
     from .pipeline import Pipeline
-    from .tracking import Tracker
 
     spec = load_compare(compare_path)
     spec.config = spec.config or config_path
@@ -662,7 +662,7 @@ def budget_spent(spec: CompareSpec, runs: list[ArmRun], points: dict[str, list[d
 
 def _log_to_wandb(base: Config, root: Path, name: str, curves: dict[str, list[dict[str, Any]]],
                   ratios: list[dict[str, Any]]) -> None:
-    from .tracking import Tracker
+    from ..tracking import Tracker
 
     cfg = dataclasses.replace(base, tracking=dataclasses.replace(
         base.tracking, run_name=f"{name}-compare", group=base.tracking.group or name))

@@ -4,7 +4,7 @@ The problems are the offline recipe's training problems, framed the same way (th
 template where the tokenizer has one: :func:`~reasonmaxxer.stages.sampling.resolve_prompt_format`)
 and rewarded by the same verifier (:class:`~reasonmaxxer.stages.rollouts.RolloutReward`).
 ``method: grpo`` is TRL's GRPOTrainer with LoRA; ``method: online`` swaps in the fork-gated
-loss (:mod:`reasonmaxxer.stages.online`). Both write ``compute.json``.
+loss (:mod:`reasonmaxxer.training.online`). Both write ``compute.json``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from ..config import Config, DataConfig, grpo_arguments
 from ..data.problem import Problem
 from ..data.prompts import user_message
 from ..errors import ConfigError
+from ..stages.rollouts import RolloutReward
+from ..stages.sampling import plain_prompt_text, resolve_prompt_format
 from ..utils.flops import base_parameter_count
 from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, run_name
 from .online import ComputeCountingGRPOTrainer, OnlineGatedTrainer
-from .rollouts import RolloutReward
-from .sampling import plain_prompt_text, resolve_prompt_format
 from .trainer import FiniteAdapterCheck, train_adapter
 
 

@@ -11,7 +11,7 @@ resumes at the first unfinished point.
 sampling), so each seed has its own shared stages: the config's own seed in output_dir,
 any other seed in ``output_dir/seeds/seed=<s>/``, each computed once and linked by that
 seed's points. Points that differ only in seed are aggregated in ablation.{json,md,png}
-(:mod:`.evaluation.ablation`). The held-out problems differ between seeds too (the
+(:mod:`reasonmaxxer.evaluation.ablation`). The held-out problems differ between seeds too (the
 builtin generator draws them from the seed); that is fine, since each seed's Δpass@1 is
 paired within that seed and the bootstrap resamples problems within each seed.
 """
@@ -32,15 +32,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .config import Config, load_config, read_yaml
-from .errors import ConfigError
-from .utils.lock import hold_folder
-from .utils.storage import atomic_write_json, read_json
+from ..config import Config, load_config, read_yaml
+from ..errors import ConfigError
+from ..utils.lock import hold_folder
+from ..utils.storage import atomic_write_json, read_json
+from .shared import SHARED_STAGES, link_shared_stages, run_shared_stages
 
 logger = logging.getLogger(__name__)
 
 GRID_KINDS = ("values", "value", "int_uniform", "q_uniform")
-SHARED_STAGES = ("problems", "rollouts", "scoring", "selection")
 SEED_PARAMETER = "seed"
 
 
@@ -202,51 +202,7 @@ def ensure_shared_stages(base_cfg: Config, progress: bool, *, tracked: bool = Tr
     """
     base_dir = Path(base_cfg.output_dir)
     with _locked(base_dir / ".sweep.lock"), hold_folder(base_dir):
-        _run_shared_stages(base_cfg, progress, tracked=tracked)
-
-
-def _run_shared_stages(base_cfg: Config, progress: bool, *, tracked: bool = True) -> None:
-    from .pipeline import Pipeline
-    from .tracking import Tracker
-
-    pipeline = Pipeline(base_cfg, progress=progress)
-    fps = pipeline.fingerprints()
-    states = [pipeline.state(s) for s in SHARED_STAGES]
-    if any(st is not None and st.get("fingerprint") != fps[s] for s, st in zip(SHARED_STAGES, states)):
-        return  # the base holds stages made with other settings: never overwrite them
-    untracked = None if tracked else Tracker(base_cfg, pipeline.run_dir, enabled=False)
-    pipeline.run(stages=SHARED_STAGES, tracker=untracked)
-
-
-def link_shared_stages(base_dir: Path, point_cfg: Config) -> list[str]:
-    """Point a sweep point's folder at the base run's finished stages where they match.
-
-    A stage is linked only when its fingerprint under the point's config equals the base
-    run's, so a linked stage is always skipped and never written through the link.
-    """
-    from .pipeline import STAGE_OUTPUTS, Pipeline
-
-    point = Pipeline(point_cfg)
-    fps = point.fingerprints()
-    linked = []
-    for stage in SHARED_STAGES:
-        state_path = base_dir / "stages" / f"{stage}.json"
-        if not state_path.exists():
-            break
-        state = read_json(state_path)
-        if not state.get("done") or state.get("fingerprint") != fps[stage]:
-            break
-        for name in STAGE_OUTPUTS[stage]:
-            target, link = (base_dir / name).resolve(), point.path(name)
-            if link.is_symlink() or link.exists():
-                if link.is_symlink() and link.resolve() == target:
-                    continue
-                raise ConfigError(f"sweep: '{link}' exists and is not the shared {stage} output; remove it")
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(target, link)
-        atomic_write_json(point._state_path(stage), state)
-        linked.append(stage)
-    return linked
+        run_shared_stages(base_cfg, progress, tracked=tracked)
 
 
 # ----------------------------------------------------------------------------- running
@@ -278,8 +234,8 @@ def point_row(point: dict[str, Any], run_dir: Path, movement: dict[str, Any], ac
 
 def point_problem_deltas(run_dir: Path, shared_dir: Path) -> dict[str, float]:
     """Per held-out problem: the adapter's mean reward minus the base's (the eval samples of the point and its seed)."""
-    from .evaluation.accuracy import per_problem_delta, per_problem_rewards
-    from .utils.storage import read_jsonl_cut_torn_tail
+    from ..evaluation.accuracy import per_problem_delta, per_problem_rewards
+    from ..utils.storage import read_jsonl_cut_torn_tail
 
     base = read_jsonl_cut_torn_tail(shared_dir / "eval_samples" / "base_samples.jsonl")
     adapter = read_jsonl_cut_torn_tail(run_dir / "eval_samples" / "adapter_samples.jsonl")
@@ -299,9 +255,9 @@ def run_point(point: dict[str, Any], cfg: Config, base_dir: Path, progress: bool
 
     With tracking on, training and eval log into one W&B run (the sweep's metric lives there).
     """
-    from .evaluation.runner import run_eval
+    from ..evaluation.runner import run_eval
+    from ..tracking import Tracker
     from .pipeline import Pipeline
-    from .tracking import Tracker
 
     run_dir = Path(cfg.output_dir)
     with hold_folder(run_dir):  # two agents handed the same point: the second one stops here
@@ -349,7 +305,7 @@ def sweep_plan(config_path: str | None, overrides: list[str], sweep_path: str) -
 
 def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, progress: bool = True) -> Path:
     """Run every point of a grid sweep locally; write ablation.{json,md,png} and return its folder."""
-    from .evaluation.ablation import group_over_seeds, paired_differences, write_ablation
+    from ..evaluation.ablation import group_over_seeds, paired_differences, write_ablation
 
     spec = load_sweep(sweep_path)
     points = sweep_configs(config_path, overrides, spec)  # validates every point first
@@ -366,7 +322,7 @@ def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, pr
         for seed, cfg in shared.items():
             if len(shared) > 1:
                 print(f"\n=== sweep {spec.name}: shared stages of seed {seed} in {cfg.output_dir}", flush=True)
-            _run_shared_stages(cfg, progress)
+            run_shared_stages(cfg, progress)
         shared_dirs = {seed: Path(cfg.output_dir) for seed, cfg in shared.items()}
         rows = _run_points(spec, points, base_dir, shared_dirs, progress)
         groups = group_over_seeds(rows, resamples=base_cfg.eval.bootstrap, seed=base_cfg.seed)
@@ -375,7 +331,7 @@ def run_sweep(config_path: str | None, overrides: list[str], sweep_path: str, pr
         atomic_write_json(sweep_dir / "ablation.json", {"groups": groups, "paired": paired, "points": rows})
         write_ablation(sweep_dir, spec.name, groups, paired)
     if base_cfg.tracking.report_to == "wandb":
-        from .tracking import Tracker
+        from ..tracking import Tracker
 
         summary_cfg = dataclasses.replace(base_cfg, tracking=dataclasses.replace(
             base_cfg.tracking, run_name=f"{spec.name}-ablation", group=base_cfg.tracking.group or spec.name))

@@ -40,9 +40,9 @@ from transformers import TrainerCallback
 from ..config import DataConfig, RolloutConfig
 from ..data.problem import Problem
 from ..data.prompts import user_message
+from ..stages.rollouts import RolloutReward
+from ..stages.sampling import eos_token_ids, generate_batch, prompt_ids, resolve_prompt_format
 from ..utils import distributed as dist
-from .rollouts import RolloutReward
-from .sampling import eos_token_ids, generate_batch, prompt_ids, resolve_prompt_format
 
 
 def sharded_weights(training: dict[str, Any]) -> str | None:
