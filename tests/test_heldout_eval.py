@@ -146,11 +146,14 @@ def test_training_logs_heldout_pass_at_1_without_changing_training(tiny_model_di
     # Recompute the logged numbers at step 0 (the base) and step 5 (the saved adapter).
     from peft import PeftModel
 
+    from reasonmaxxer.models.loading import load_model
+
     cfg = config_from_dict(yaml.safe_load((with_eval / "config.yaml").read_text()), check_training=False)
     problems = read_split(with_eval / "problems.jsonl", "heldout")[: cfg.eval.during_training_problems]
     sampling = dataclasses.replace(cfg.rollout, num_samples=3, backend="fast")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+    # In the dtype the run sampled with (model.dtype auto: bf16 on a CPU with native bf16).
+    policy = PeftModel.from_pretrained(load_model(str(tiny_model_dir), dtype=cfg.model.dtype, device="cpu"),
                                        str(with_eval / "adapter")).eval()
     for step in (0, 5):
         if step == 0:

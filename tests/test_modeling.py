@@ -139,10 +139,17 @@ def test_hub_id_offline_fails_fast(loader, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reasonmaxxer.models import loading
+
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
     assert resolve_dtype("float16") is torch.float16
-    assert resolve_dtype("auto", "cpu") is torch.float32
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loading, "cpu_supports_bf16", lambda native=native: native)
+        assert resolve_dtype("auto", "cpu") is want
+        assert loading.describe_dtype("auto", "cpu").startswith(str(want).removeprefix("torch.") + " (model.dtype auto")
+    assert loading.describe_dtype("float32", "cpu") == "float32"
+    monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype("auto", "auto") is torch.bfloat16
@@ -151,6 +158,20 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", "cuda") is torch.float32
     with pytest.raises(ConfigError, match="model.dtype: unknown dtype 'fp8'"):
         resolve_dtype("fp8")
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu vme avx512f avx512_bf16 avx512_fp16", True),   # Zen 4, Sapphire Rapids
+    ("fpu vme avx512f amx_bf16 amx_tile", True),          # AMX only
+    ("fpu vme avx2 avx512f", False),                      # AVX-512 without bf16
+])
+def test_cpu_supports_bf16_reads_the_cpu_flags(tmp_path, flags, native) -> None:
+    from reasonmaxxer.models.loading import cpu_supports_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_supports_bf16(info) is native
+    assert cpu_supports_bf16(tmp_path / "missing") is False  # not Linux: no native bf16 assumed
 
 
 def test_resolve_device_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -204,7 +225,7 @@ def test_ensure_smollm2_builds_and_reuses_cache(tmp_path: Path, monkeypatch: pyt
     assert ensure_smollm2() == folder
     assert resolve_model_path(SMOLLM2) == str(folder)
     tokenizer = load_tokenizer(SMOLLM2)
-    model = load_model(SMOLLM2, device="cpu")
+    model = load_model(SMOLLM2, dtype="float32", device="cpu")  # the cache holds the dequantised fp32 weights
     elapsed = time.perf_counter() - start
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     assert elapsed < 5, f"loading from the cache took {elapsed:.1f} s"

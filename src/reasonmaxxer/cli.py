@@ -10,7 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import UserError
 from .utils import distributed as dist
@@ -54,6 +54,17 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_header(cfg: Any) -> None:
+    """The run header: the model, the dtype it runs in here (and why, for ``auto``), the processes."""
+    if not dist.is_main():
+        return
+    from .models.loading import describe_dtype
+
+    n = dist.world_size()
+    print(f"ReasonMaxxer: {cfg.model.name_or_path} in {describe_dtype(cfg.model.dtype, cfg.model.device)}, "
+          f"{n} process{'es' if n > 1 else ''}", flush=True)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -140,6 +151,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if args.merge and args.stage not in (None, "training"):
             trained_adapter_dir(Path(cfg.output_dir))  # refuse before the stage runs: nothing would be merged
         with hold_run_folder(cfg.output_dir):  # one job per folder (a requeued job while the first still runs)
+            _print_header(cfg)
             results = Pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite).run(only=args.stage)
             merged = merge_adapter(cfg, Path(cfg.output_dir)) if args.merge and dist.is_main() else None
     except UserError as err:
@@ -191,6 +203,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         # Its own lock, not training's: eval beside a running training job is fine (it writes
         # other files), two evals into one folder are not.
         with hold_folder(out, name=EVAL_LOCK_NAME, what=f"eval folder '{out}'"):
+            _print_header(cfg)
             result = run_eval(
                 cfg,
                 adapter_path=Path(args.adapter) if args.adapter else run_dir / "adapter",

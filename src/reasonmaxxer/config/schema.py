@@ -40,7 +40,8 @@ class ModelConfig:
         default="smollm2-135m-instruct",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
-        "Weights dtype; 'auto' is bfloat16 on a GPU that supports it, float32 on CPU.", default="auto"
+        "Weights dtype; 'auto' is bfloat16 on a GPU that supports it and on a CPU with native bf16 "
+        "(AVX512-BF16 or AMX), float32 elsewhere; the run header says which.", default="auto"
     )
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N' (rollouts and scoring).", default="auto")
     trust_remote_code: bool = _help("Allow model code from the model folder. Off unless you trust it.", default=False)
