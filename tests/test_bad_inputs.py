@@ -1,4 +1,4 @@
-"""The bad-input catalogue (README, Troubleshooting): each mistake, through the command line.
+"""The bad-input catalogue (docs/reliability.md, Troubleshooting): each mistake, through the command line.
 
 Every case must end with exactly one ``error: ...`` line on stderr naming the key, file,
 row or value, a non-zero exit, and no work done: no rollouts, no scores, no adapter.
@@ -104,12 +104,12 @@ def test_the_catalogue_has_at_least_twenty_cases():
     assert len({case[0] for case in CATALOGUE}) == len(CATALOGUE) >= 20
 
 
-def test_the_readme_lists_every_case():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_list_every_case():
+    readme = (ROOT / "docs" / "reliability.md").read_text()
     names = [name for name, *_ in CATALOGUE] + [name for name, *_ in PROMPT_AND_REWARD_CASES]
     names += ["folder in use by another job", "chat format without a template"]  # tests/test_lock.py, below
     missing = [name for name in names if f"| {name} |" not in readme]
-    assert not missing, f"README troubleshooting lacks: {missing}"
+    assert not missing, f"docs/reliability.md (troubleshooting) lacks: {missing}"
 
 
 @pytest.mark.parametrize("name, entry, args, expected, code", CATALOGUE, ids=[c[0] for c in CATALOGUE])

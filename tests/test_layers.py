@@ -184,3 +184,12 @@ def test_lazy_exports_resolve_and_match_all(package: str) -> None:
         assert getattr(module, name) is getattr(importlib.import_module(module._EXPORTS[name], package), name)
     with pytest.raises(AttributeError):
         module.not_a_name  # noqa: B018
+
+
+def test_submodules_are_attributes_of_the_lazy_package() -> None:
+    import subprocess
+
+    code = "import reasonmaxxer as rm; print(rm.core.stats_to_floats.__name__, rm.jobs.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(PACKAGE.parent), "PATH": ""})
+    assert out.stdout.split() == ["stats_to_floats", "reasonmaxxer.jobs"]

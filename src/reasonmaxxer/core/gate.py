@@ -81,8 +81,9 @@ def fork_mask(
         gather: for ``quantile`` across processes, see :func:`quantile_threshold`.
         reference: for ``random``, the entropy gate whose per-sequence counts it matches.
         generator: for ``random``, the source of randomness (seed it for reproducibility).
-        tau_pos, tau_neg: for ``threshold`` (and a ``random`` that matches it): the
-            thresholds of correct (``positive``) and other rows; None means ``tau``.
+        tau_pos: for ``threshold`` (and a ``random`` that matches it): the threshold of
+            correct (``positive``) rows; None means ``tau``.
+        tau_neg: the same for the other rows.
         positive: (B,) bool, which rows are correct rollouts (advantage > 0); needed
             when tau_pos or tau_neg differs from tau.
 
@@ -178,7 +179,8 @@ def gate_mask(gate: Any, entropy: torch.Tensor, completion_mask: torch.Tensor, *
     Args:
         gate: any object with those attributes (the ``gate`` config section; tau_pos and
             tau_neg may be absent).
-        entropy, completion_mask: (B, C), as in :func:`fork_mask`.
+        entropy: (B, C), as in :func:`fork_mask`.
+        completion_mask: (B, C), as in :func:`fork_mask`.
         positive: (B,) bool, the correct rows (advantage > 0), for tau_pos/tau_neg.
 
     Returns:

@@ -40,7 +40,8 @@ def exact_kl(base_logits: torch.Tensor, policy_logits: torch.Tensor,
     :func:`~reasonmaxxer.core.logprobs.policy_logprobs_and_kl`; this is its unfused form.)
 
     Args:
-        base_logits, policy_logits: (B, C, V).
+        base_logits: (B, C, V).
+        policy_logits: (B, C, V).
         policy_lse: (B, C) logsumexp of ``policy_logits`` if already computed.
 
     Returns:

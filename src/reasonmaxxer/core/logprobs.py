@@ -67,8 +67,10 @@ def policy_logprobs_and_kl(
     (B, C, V) gradient tensor: no other (B, C, V) tensor is allocated.
 
     Args:
-        logits, base_logits: (B, C, V); ``base_logits`` takes no gradient.
-        target_ids: (B, C); topk_ids: (B, C, K) or None.
+        logits: (B, C, V) policy logits.
+        target_ids: (B, C) sampled tokens.
+        base_logits: (B, C, V); takes no gradient.
+        topk_ids: (B, C, K) or None.
 
     Returns:
         log p(target) (B, C), log p(topk_ids) (B, C, K) or None, logsumexp (B, C),
