@@ -39,9 +39,8 @@ def _run(cmd: list[str]) -> float:
 
 
 def run_arm(dtype: str, out: Path, *, evaluate: bool, extra: list[str]) -> dict:
-    common = ["--config", "configs/demo.yaml", "--output_dir", str(out), "--model.dtype", dtype, "--no-progress",
-              *extra]
-    row: dict = {"dtype": dtype, "train_wall": _run([sys.executable, "train.py", *common])}
+    common = ["--config", "configs/demo.yaml", "--model.dtype", dtype, "--no-progress", *extra]
+    row: dict = {"dtype": dtype, "train_wall": _run([sys.executable, "train.py", *common, "--output_dir", str(out)])}
     for stage in STAGES:
         state = json.loads((out / "stages" / f"{stage}.json").read_text())
         row[stage] = state["seconds"]
@@ -49,7 +48,7 @@ def run_arm(dtype: str, out: Path, *, evaluate: bool, extra: list[str]) -> dict:
     log = json.loads((out / "train_log.json").read_text())
     row["last_loss"] = next(h["loss"] for h in reversed(log) if "loss" in h)
     if evaluate:
-        row["eval_wall"] = _run([sys.executable, "eval.py", *common])
+        row["eval_wall"] = _run([sys.executable, "eval.py", *common, "--run_dir", str(out)])
         movement = json.loads((out / "movement.json").read_text())
         accuracy = json.loads((out / "accuracy.json").read_text())
         row["kl_ratio"] = movement["kl_ratio"]

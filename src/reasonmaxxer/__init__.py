@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .core.logprobs import gather_logprobs
     from .core.loss import fork_gated_loss
     from .errors import ConfigError, DataError, UserError
+    from .evaluation.measure import movement
 
 _EXPORTS: dict[str, str] = {
     "token_entropy": ".core.entropy",
@@ -25,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": ".errors",
     "DataError": ".errors",
     "UserError": ".errors",
+    "movement": ".evaluation.measure",
 }
 __all__ = [
     "ConfigError",
@@ -34,6 +36,7 @@ __all__ = [
     "fork_gated_loss",
     "fork_mask",
     "gather_logprobs",
+    "movement",
     "token_entropy",
     "token_stats",
     "topk_kl",

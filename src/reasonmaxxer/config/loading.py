@@ -127,8 +127,11 @@ def _is_off(key: str, value: Any) -> bool:
     return value == off or (key == "eval_strategy" and value is False)
 
 
-def _validate_training(values: Any) -> dict[str, Any]:
-    """Check the pass-through training arguments against TRL's SFTConfig fields."""
+def _validate_training(values: Any, model: Any = None) -> dict[str, Any]:
+    """Check the pass-through training arguments against TRL's SFTConfig fields.
+
+    ``model`` is the raw ``model`` section: its dtype and device decide ``bf16``'s default.
+    """
     if not isinstance(values, dict):
         raise ConfigError(f"training: expected a mapping of keys, got {values!r}")
     from trl import SFTConfig  # deferred: importing TRL takes seconds
@@ -149,7 +152,7 @@ def _validate_training(values: Any) -> dict[str, Any]:
         checked = _check_scalar_type(f"training.{key}", value, fields[key].default)
         if checked is not value:
             values = {**values, key: checked}
-    merged = {**training_defaults(), **values}
+    merged = {**training_defaults(*_model_precision(model)), **values}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -158,6 +161,13 @@ def _validate_training(values: Any) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"training: {first}") from None
     return merged
+
+
+def _model_precision(model: Any) -> tuple[str, str]:
+    """(dtype, device) of a raw ``model`` section, with the schema's defaults."""
+    model = model if isinstance(model, dict) else {}
+    dtype, device = model.get("dtype", "auto"), model.get("device", "auto")
+    return (dtype if isinstance(dtype, str) else "auto", device if isinstance(device, str) else "auto")
 
 
 def _check_scalar_type(key: str, value: Any, default: Any) -> Any:
@@ -241,7 +251,8 @@ def config_from_dict(raw: Any, *, check_training: bool = True) -> Config:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section or key{_closest(str(key), SECTIONS)}")
         if key == "training":
-            kwargs[key] = _validate_training(value) if check_training else {**training_defaults(), **(value or {})}
+            kwargs[key] = (_validate_training(value, raw.get("model")) if check_training
+                           else {**training_defaults(*_model_precision(raw.get("model"))), **(value or {})})
         elif key == "grpo":
             kwargs[key] = _validate_grpo_keys(value) if check_training else dict(value or {})
         elif key in ("output_dir", "seed", "method"):
@@ -251,7 +262,7 @@ def config_from_dict(raw: Any, *, check_training: bool = True) -> Config:
             kwargs[key] = _build_section(key, cls, value)
     cfg = Config(**kwargs)
     if check_training and "training" not in raw:
-        cfg.training = _validate_training({})
+        cfg.training = _validate_training({}, raw.get("model"))
     cfg.validate()
     if check_training:
         _validate_grpo_config(cfg)

@@ -433,13 +433,19 @@ def grpo_arguments(cfg: "Config") -> dict[str, Any]:
     return args
 
 
-def training_defaults() -> dict[str, Any]:
-    """TRAINING_DEFAULTS plus the precision that this machine supports (bf16 needs a GPU)."""
+def training_defaults(model_dtype: str = "auto", device: str = "auto") -> dict[str, Any]:
+    """TRAINING_DEFAULTS plus the precision of the model: bf16 mixed precision where it runs in bf16.
+
+    ``training.bf16`` (autocast: the LoRA matmuls in bf16 over fp32 adapter weights, the
+    loss in fp32) follows ``model.dtype`` as it resolves on ``model.device``: on for
+    bfloat16 (``auto`` on a GPU with bf16 or a CPU with native bf16), off for float32.
+    """
     import torch
 
-    on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
-    return {**TRAINING_DEFAULTS, "bf16": bf16, "use_cpu": not on_gpu}
+    from ..models.loading import resolve_dtype
+
+    bf16 = resolve_dtype(model_dtype, device) == torch.bfloat16
+    return {**TRAINING_DEFAULTS, "bf16": bf16, "use_cpu": not torch.cuda.is_available()}
 
 
 @dataclass
