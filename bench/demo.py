@@ -3,6 +3,7 @@
     python bench/demo.py                        # both arms, then eval.py on each
     python bench/demo.py --no-eval              # training only
     python bench/demo.py --arms auto float32    # another order (the first arm warms the disk cache)
+    python bench/demo.py --arms float32:rollout.batch_size=32 auto   # the fp32 arm with its own override
 
 Each arm is ``python train.py --config configs/demo.yaml --model.dtype D`` in a fresh
 output folder (same seed, so the same problems; the same number of rollouts and steps),
@@ -38,9 +39,12 @@ def _run(cmd: list[str]) -> float:
     return seconds
 
 
-def run_arm(dtype: str, out: Path, *, evaluate: bool, extra: list[str]) -> dict:
-    common = ["--config", "configs/demo.yaml", "--model.dtype", dtype, "--no-progress", *extra]
-    row: dict = {"dtype": dtype, "train_wall": _run([sys.executable, "train.py", *common, "--output_dir", str(out)])}
+def run_arm(arm: str, out: Path, *, evaluate: bool, extra: list[str]) -> dict:
+    """One arm: ``DTYPE`` or ``DTYPE:key=value,key=value`` (config overrides of this arm only)."""
+    dtype, _, spec = arm.partition(":")
+    own = [x for kv in spec.split(",") if kv for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
+    common = ["--config", "configs/demo.yaml", "--model.dtype", dtype, "--no-progress", *own, *extra]
+    row: dict = {"dtype": arm, "train_wall": _run([sys.executable, "train.py", *common, "--output_dir", str(out)])}
     for stage in STAGES:
         state = json.loads((out / "stages" / f"{stage}.json").read_text())
         row[stage] = state["seconds"]
@@ -59,12 +63,15 @@ def run_arm(dtype: str, out: Path, *, evaluate: bool, extra: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", nargs="+", default=["float32", "auto"], help="model.dtype of each arm, in order")
+    ap.add_argument("--arms", nargs="+", default=["float32", "auto"],
+                    help="each arm's model.dtype, in order, optionally with its own overrides: "
+                         "float32:rollout.batch_size=32")
     ap.add_argument("--no-eval", action="store_true", help="skip eval.py")
     ap.add_argument("--out", help="folder for the runs (default: a temporary one)")
     args, extra = ap.parse_known_args()
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="demo-bench-"))
-    rows = [run_arm(d, root / f"demo-{d}", evaluate=not args.no_eval, extra=extra) for d in args.arms]
+    rows = [run_arm(a, root / f"demo-{i}-{a.partition(':')[0]}", evaluate=not args.no_eval, extra=extra)
+            for i, a in enumerate(args.arms)]
     print(f"runs in {root}; cpu_count={os.cpu_count()}")
     head = ["arm", "train.py s", *[f"{s} s" for s in STAGES], "mean reward", "share > tau", "last loss"]
     if not args.no_eval:

