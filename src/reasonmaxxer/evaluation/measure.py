@@ -78,7 +78,11 @@ def movement(
             or a list of dicts), with an optional ``reward``.
         base_model: the base. None when ``model`` is a ``PeftModel``: its base pass runs
             with the adapter disabled (never a second copy of the weights).
-        mode, tau, quantile, k: the gate (see :func:`~reasonmaxxer.core.gate.fork_mask`).
+        mode: the gate, ``threshold``, ``quantile`` or ``topk`` (see
+            :func:`~reasonmaxxer.core.gate.fork_mask`).
+        tau: the threshold in nats, for ``threshold``.
+        quantile: the top fraction of the dataset's completion tokens, for ``quantile``.
+        k: positions per sequence, for ``topk``.
         batch_size: rollouts per forward pass.
         chunk_size: completion positions per LM-head chunk (bounds the logits held).
         entropy_temperature: the temperature the gate's entropy is measured at.
