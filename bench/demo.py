@@ -42,7 +42,10 @@ def _run(cmd: list[str]) -> float:
 def run_arm(arm: str, out: Path, *, evaluate: bool, extra: list[str]) -> dict:
     """One arm: ``DTYPE`` or ``DTYPE:key=value,key=value`` (config overrides of this arm only)."""
     dtype, _, spec = arm.partition(":")
-    own = [x for kv in spec.split(",") if kv for x in (f"--{kv.split('=', 1)[0]}", kv.split("=", 1)[1])]
+    pairs = [kv.split("=", 1) for kv in spec.split(",") if kv]
+    if any(len(kv) != 2 for kv in pairs):
+        sys.exit(f"--arms: '{arm}' is not DTYPE or DTYPE:key=value,key=value")
+    own = [x for key, value in pairs for x in (f"--{key}", value)]
     common = ["--config", "configs/demo.yaml", "--model.dtype", dtype, "--no-progress", *own, *extra]
     row: dict = {"dtype": arm, "train_wall": _run([sys.executable, "train.py", *common, "--output_dir", str(out)])}
     for stage in STAGES:

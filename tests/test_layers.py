@@ -91,7 +91,7 @@ def test_no_layer_imports_a_higher_one(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "core").rglob("*.py")), ids=lambda p: p.name)
 def test_core_imports_only_torch(path: Path) -> None:
-    allowed_stdlib = {"__future__", "importlib", "math", "typing"}
+    allowed_stdlib = {"__future__", "collections", "importlib", "math", "typing"}
     for name in _imports(path):
         top = name.split(".")[0]
         if top == "reasonmaxxer":

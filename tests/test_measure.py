@@ -98,6 +98,34 @@ def test_a_model_against_itself_has_not_moved(tiny_model_dir):
         assert report[side]["top1_agreement"] == 1.0
 
 
+def test_no_fork_and_all_forks(tiny_model_dir):
+    """A gate that picks nothing (or everything) leaves the other side's statistics None, never NaN."""
+    tokenizer, base, peft = _models(tiny_model_dir)
+    rows = _rows(tokenizer)
+    kls, _, _ = _brute(base, copy.deepcopy(peft).merge_and_unload().eval(), rows, tau=0.0)
+    none = rm.movement(peft, tokenizer, rows, tau=1e6)
+    every = rm.movement(peft, tokenizer, rows, tau=-1.0)
+    assert none["positions"] == {"fork": 0, "nonfork": len(kls)} and none["fork"]["kl_mean"] is None
+    assert every["positions"] == {"fork": len(kls), "nonfork": 0} and every["nonfork"]["kl_mean"] is None
+    assert none["kl_ratio"] is None and every["kl_ratio"] is None
+    assert none["nonfork"]["kl_mean"] == pytest.approx(_mean(kls), rel=1e-4)
+    assert every["fork"]["kl_mean"] == pytest.approx(_mean(kls), rel=1e-4) and every["kl_share_at_forks"] == 1.0
+
+
+def test_a_bf16_adapter_matches_float64_on_the_same_weights(tiny_model_dir):
+    """In bf16 the reductions run in fp32: the KL stays near float64's on the same bf16 weights."""
+    tokenizer, _, peft = _models(tiny_model_dir)
+    rows = _rows(tokenizer)
+    peft16 = copy.deepcopy(peft).to(torch.bfloat16)
+    base64 = copy.deepcopy(peft16).unload().double().eval()
+    merged64 = copy.deepcopy(peft16).merge_and_unload().double().eval()
+    kls, _, agree = _brute(base64, merged64, rows, tau=0.0)
+    report = rm.movement(peft16, tokenizer, rows, tau=-1.0)  # every position a fork: one mean over all
+    # bf16 activations between the layers (8 mantissa bits) and a bf16-rounded merge: within 10%
+    assert report["fork"]["kl_mean"] == pytest.approx(_mean(kls), rel=0.1)
+    assert report["fork"]["top1_agreement"] == pytest.approx(_mean(agree), abs=0.1)
+
+
 def test_rows_standard_and_conversational_tokenize_as_trl_would(tiny_model_dir):
     from transformers import AutoTokenizer
 

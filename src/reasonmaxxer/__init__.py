@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .core._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .core.entropy import token_entropy, token_stats
@@ -44,16 +44,5 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so that importing a torch-free submodule (the config) does not import torch.
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: ``rm.core``, ``rm.jobs``
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+# Lazy, so that importing a torch-free submodule (the config) does not import torch.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
