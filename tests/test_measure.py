@@ -9,8 +9,8 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 import reasonmaxxer as rm
+from reasonmaxxer.data.rows import tokenize_rollout
 from reasonmaxxer.errors import DataError
-from reasonmaxxer.evaluation.measure import tokenize_rollout
 
 
 def _models(tiny_model_dir):

@@ -13,7 +13,7 @@ from reasonmaxxer.data.builtin import builtin_arithmetic
 from reasonmaxxer.models.loading import load_model, load_tokenizer
 from reasonmaxxer.stages.rollouts import RolloutReward
 from reasonmaxxer.training.grpo import build_grpo_trainer
-from reasonmaxxer.training.online import OnlineGatedTrainer
+from reasonmaxxer.training.online import ForkGatedGRPOTrainer
 
 
 def odd_token_reward(prompts, completions, completion_ids, **kwargs):
@@ -48,7 +48,7 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
 ], ids=["threshold", "quantile", "random", "all"])
 def test_two_online_steps_train_the_adapter(tiny_model_dir, tmp_path, gate):
     trainer, _ = _online_trainer(tiny_model_dir, tmp_path, *gate)
-    assert isinstance(trainer, OnlineGatedTrainer)
+    assert isinstance(trainer, ForkGatedGRPOTrainer)
     before = _lora(trainer)
     result = trainer.train()
     assert trainer.state.global_step == 2
@@ -115,7 +115,7 @@ def test_without_kl_the_gradient_comes_from_the_forks_only(tiny_model_dir, tmp_p
 def test_group_advantages_are_per_prompt_group():
     rewards = torch.tensor([[1.0], [0.0], [0.0], [0.0], [1.0], [1.0], [1.0], [1.0]])
     fake = SimpleNamespace(num_generations=4, advantage_clip=2.5)
-    got = OnlineGatedTrainer.group_advantages(fake, rewards)
+    got = ForkGatedGRPOTrainer.group_advantages(fake, rewards)
     first = torch.tensor([1.0, 0.0, 0.0, 0.0])
     want = (first - first.mean()) / first.std(unbiased=False)
     torch.testing.assert_close(got[:4], want.clamp(-2.5, 2.5))
@@ -128,13 +128,13 @@ def test_compute_counts_continue_across_a_resumed_run(tiny_model_dir, tmp_path, 
     import json
 
     trained: list[tuple[int, int]] = []  # (step being trained, non-padding positions) per micro-batch
-    compute_loss = OnlineGatedTrainer.compute_loss
+    compute_loss = ForkGatedGRPOTrainer.compute_loss
 
     def counting(self, model, inputs, *args, **kwargs):
         trained.append((self.state.global_step + 1, int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())))
         return compute_loss(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(OnlineGatedTrainer, "compute_loss", counting)
+    monkeypatch.setattr(ForkGatedGRPOTrainer, "compute_loss", counting)
     steps = ["--training.max_steps", "3", "--training.save_steps", "1"]
     first, _ = _online_trainer(tiny_model_dir, tmp_path, *steps)
     first.train()

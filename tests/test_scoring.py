@@ -262,7 +262,7 @@ def test_lazy_scores_equal_the_eager_loader_and_read_only_what_is_asked(model, t
     import safetensors
 
     from reasonmaxxer.stages.scoring import LazyScores
-    from reasonmaxxer.training.trainer import ForkCollator
+    from reasonmaxxer.training.dataset import ForkCollator
 
     rollouts = _rollouts(model.config.vocab_size)
     score_rollouts(model, rollouts, tmp_path, **dict(KW, batch_size=3))  # several shards
@@ -313,9 +313,9 @@ def test_lazy_scores_equal_the_eager_loader_and_read_only_what_is_asked(model, t
     copy = pickle.loads(pickle.dumps(lazy))
     assert all(torch.equal(copy[i]["entropy"], eager[i]["entropy"]) for i in eager)
 
-    rows = [{"rollout_index": i, "advantage": 1.0} for i in (4, 0, 2)]
-    from_lazy = ForkCollator(PAD, rollouts, lazy)(rows)
-    from_eager = ForkCollator(PAD, rollouts, eager)(rows)
+    rows = [{"rollout_index": i, "advantage": 1.0, **rollouts[i]} for i in (4, 0, 2)]
+    from_lazy = ForkCollator(PAD, lazy)(rows)
+    from_eager = ForkCollator(PAD, eager)(rows)
     assert from_lazy.keys() == from_eager.keys()
     assert all(torch.equal(from_lazy[k], from_eager[k]) for k in from_eager)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -286,9 +287,7 @@ def test_batches_are_grouped_by_length(tiny_model_dir, tmp_path):
 
     trainer, _, _ = _trainer(tiny_model_dir, tmp_path, ["--training.per_device_train_batch_size", "2"])
     ds = trainer.train_dataset
-    rollouts = trainer.data_collator.rollouts
-    assert ds["length"] == [len(rollouts[i]["prompt_ids"]) + len(rollouts[i]["completion_ids"])
-                            for i in ds["rollout_index"]]
+    assert ds["length"] == [len(p) + len(c) for p, c in zip(ds["prompt_ids"], ds["completion_ids"])]
     assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
     padded = [b["input_ids"].numel() for b in trainer.get_train_dataloader()]
     in_order = [max(ds["length"][i : i + 2]) * len(ds["length"][i : i + 2]) for i in range(0, len(ds), 2)]
@@ -402,3 +401,119 @@ def test_paper_options_in_compute_loss_match_brute_force(tiny_model_dir, tmp_pat
     loss.backward()
     grads = [p.grad for n, p in trainer.model.named_parameters() if "lora_" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- the public trainer on a user's own rollouts
+def _user_rows(n_prompts=3, per_prompt=4):
+    """TRL-style conversational rows, several completions per prompt, mixed rewards."""
+    rows = []
+    for i in range(n_prompts):
+        prompt = [{"role": "user", "content": f"What is {i + 2} + {i + 5}?"}]
+        for j in range(per_prompt):
+            text = f"The sum is {i + 7 + j % 2}." + " Let me check." * (j % 3)
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": text}],
+                         "reward": float(j % 2 == 0)})
+    return rows
+
+
+def _public_trainer(tiny_model_dir, tmp_path, rows, **fields):
+    import datasets
+    import peft
+
+    import reasonmaxxer as rm
+
+    args = rm.ForkGatedConfig(str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", top_k=16,
+                              scoring_batch_size=3, scoring_chunk_size=4, max_steps=2,
+                              per_device_train_batch_size=4, **fields)
+    return rm.ForkGatedTrainer(str(tiny_model_dir), args, train_dataset=datasets.Dataset.from_list(rows),
+                               peft_config=peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def test_public_trainer_scores_the_base_itself_and_reuses_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    """The trainer's own base scores equal an independent base pass; a second trainer reads them back."""
+    import reasonmaxxer.stages.scoring as scoring
+
+    rows = _user_rows()
+    trainer = _public_trainer(tiny_model_dir, tmp_path, rows)
+    ds = trainer.train_dataset
+    assert len(ds) == 12 and sorted(set(ds["advantage"])) == [-1.0, 1.0]
+    batch = trainer.data_collator([ds[i] for i in range(len(ds))])
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    packed = pack_batch(ds["prompt_ids"], ds["completion_ids"], tokenizer.pad_token_id)
+    assert torch.equal(packed["input_ids"], batch["input_ids"])
+    want = score_batch(base, packed, top_k=16, chunk_size=7, entropy_temperature=1.0)
+    mask = packed["completion_mask"].bool()
+    for key, column in (("entropy", "base_entropy"), ("logp", "base_logp"), ("topk_logp", "topk_logp")):
+        assert torch.allclose(batch[column][mask], want[key][mask], atol=1e-5), key
+    assert torch.equal(batch["topk_ids"][mask], want["topk_ids"][mask].long())
+    folders = list((tmp_path / "out" / "base_scores").iterdir())
+    assert len(folders) == 1
+
+    calls = []
+    real = scoring.score_batch
+    monkeypatch.setattr(scoring, "score_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = _public_trainer(tiny_model_dir, tmp_path, rows)
+    assert calls == []  # read back: no base pass
+    assert torch.equal(again.data_collator([ds[i] for i in range(len(ds))])["base_entropy"], batch["base_entropy"])
+    _public_trainer(tiny_model_dir, tmp_path, rows[:-1])  # other rows: other folder, scored anew
+    assert calls and len(list((tmp_path / "out" / "base_scores").iterdir())) == 2
+
+
+def test_public_trainer_reads_score_columns_to_the_same_loss(tiny_model_dir, tmp_path):
+    """Base scores given as columns give the batch and the loss of the scores the trainer computes."""
+    rows = _user_rows()
+    computed = _public_trainer(tiny_model_dir, tmp_path / "a", rows)
+    ds = computed.train_dataset
+    scores = computed.data_collator.scores
+    given = []
+    for r in ds:
+        s = scores[r["rollout_index"]]
+        given.append({"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"],
+                      "advantage": r["advantage"], "base_entropy": s["entropy"].tolist(),
+                      "base_logp": s["logp"].tolist(), "topk_ids": s["topk_ids"].tolist(),
+                      "topk_logp": s["topk_logp"].tolist()})
+    from_columns = _public_trainer(tiny_model_dir, tmp_path / "b", given)
+    assert not (tmp_path / "b" / "out" / "base_scores").exists()
+    losses = []
+    for trainer in (computed, from_columns):
+        _perturb_lora(trainer.model)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ds))])
+        trainer.model.train()
+        losses.append(trainer.compute_loss(trainer.model, batch).item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] != 0
+
+
+def test_public_trainer_trains_evaluates_and_needs_an_adapter(tiny_model_dir, tmp_path):
+    import datasets
+    import peft
+
+    import reasonmaxxer as rm
+    from reasonmaxxer.errors import ConfigError
+
+    rows = _user_rows()
+    args = rm.ForkGatedConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", top_k=8, max_steps=2,
+                              per_device_train_batch_size=4, learning_rate=1e-2, gate_mode="quantile",
+                              gate_quantile=0.3)
+    trainer = rm.ForkGatedTrainer(str(tiny_model_dir), args, train_dataset=datasets.Dataset.from_list(rows),
+                                  eval_dataset=datasets.Dataset.from_list(_user_rows(2, 2)),
+                                  peft_config=peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    logged = next(h for h in trainer.state.log_history if "fork_fraction" in h)
+    assert 0 < logged["fork_fraction"] < 1
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and "eval_fork_fraction" in metrics
+    trainer.save_model(str(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if "lora_B" in n)
+
+    with pytest.raises(ConfigError, match="peft_config: ForkGatedTrainer trains a LoRA adapter"):
+        rm.ForkGatedTrainer(str(tiny_model_dir), args, train_dataset=datasets.Dataset.from_list(rows))
+    with pytest.raises(TypeError, match="ForkGatedConfig"):
+        from trl import SFTConfig
+
+        rm.ForkGatedTrainer(str(tiny_model_dir), SFTConfig(str(tmp_path / "x"), use_cpu=True),
+                            train_dataset=datasets.Dataset.from_list(rows))

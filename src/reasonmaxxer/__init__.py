@@ -1,4 +1,7 @@
-"""ReasonMaxxer: entropy-gated fine-tuning of reasoning models at their decision forks."""
+"""ReasonMaxxer: entropy-gated fine-tuning of reasoning models at their decision forks.
+
+The trainers (TRL-style config/trainer pairs), the movement measure, and the pure tensor
+functions of the method (gate, loss, entropy, KL)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ if TYPE_CHECKING:
     from .core.loss import fork_gated_loss
     from .errors import ConfigError, DataError, UserError
     from .evaluation.measure import movement
+    from .training.configs import ForkGatedConfig, ForkGatedGRPOConfig
+    from .training.online import ForkGatedGRPOTrainer
+    from .training.trainer import ForkGatedTrainer
 
 _EXPORTS: dict[str, str] = {
     "token_entropy": ".core.entropy",
@@ -27,10 +33,18 @@ _EXPORTS: dict[str, str] = {
     "DataError": ".errors",
     "UserError": ".errors",
     "movement": ".evaluation.measure",
+    "ForkGatedConfig": ".training.configs",
+    "ForkGatedGRPOConfig": ".training.configs",
+    "ForkGatedGRPOTrainer": ".training.online",
+    "ForkGatedTrainer": ".training.trainer",
 }
 __all__ = [
     "ConfigError",
     "DataError",
+    "ForkGatedConfig",
+    "ForkGatedGRPOConfig",
+    "ForkGatedGRPOTrainer",
+    "ForkGatedTrainer",
     "UserError",
     "exact_kl",
     "fork_gated_loss",

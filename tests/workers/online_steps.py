@@ -16,7 +16,7 @@ from reasonmaxxer.data.builtin import builtin_arithmetic
 from reasonmaxxer.models.loading import load_model, load_tokenizer
 from reasonmaxxer.stages.rollouts import RolloutReward
 from reasonmaxxer.training.grpo import build_grpo_trainer
-from reasonmaxxer.training.online import OnlineGatedTrainer
+from reasonmaxxer.training.online import ForkGatedGRPOTrainer
 
 
 def odd_token_reward(prompts, completions, completion_ids, **kwargs):
@@ -35,14 +35,14 @@ if __name__ == "__main__":
         return forks
 
     trainer_module.gate_mask = recording_gate_mask
-    generate = OnlineGatedTrainer._generate_and_score_completions
+    generate = ForkGatedGRPOTrainer._generate_and_score_completions
 
     def recording_generate(self, inputs):
         result = generate(self, inputs)
         generations.append({"rewards": self._rewards_gathered.clone(), "advantages": result["advantages"].clone()})
         return result
 
-    OnlineGatedTrainer._generate_and_score_completions = recording_generate
+    ForkGatedGRPOTrainer._generate_and_score_completions = recording_generate
     cfg = load_config(None, [
         "--method", "online", "--model.name_or_path", str(model_dir), "--output_dir", str(out / "run"),
         "--rollout.num_samples", "4", "--rollout.max_new_tokens", "8", "--rollout.temperature", "1.0",

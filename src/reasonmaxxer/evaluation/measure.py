@@ -16,37 +16,11 @@ from typing import Any
 import torch
 
 from ..core.gate import fork_mask
+from ..data.rows import tokenize_rollout
 from ..errors import DataError
 from ..models.forward import completion_hidden, head_logits
 from ..utils.sequences import pack_batch, pad_ragged
 from .movement import MOVEMENT_KEYS, entropy_deciles, kl_share_high_entropy, position_movement, summarize
-
-
-def tokenize_rollout(tokenizer: Any, row: Mapping[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids) of one TRL-style row.
-
-    Standard rows are tokenized as they are (the prompt with the tokenizer's special
-    tokens, the completion without); conversational rows through the chat template, the
-    completion being what the full conversation adds after the prompt's generation
-    prompt. Pre-tokenized rows (``prompt_ids``, ``completion_ids``) are taken as given.
-    """
-    if "prompt_ids" in row and "completion_ids" in row:
-        return list(row["prompt_ids"]), list(row["completion_ids"])
-    if "prompt" not in row or "completion" not in row:
-        raise DataError(f"row {index}: needs 'prompt' and 'completion' (or 'prompt_ids' and 'completion_ids'); "
-                        f"it has {sorted(row)}")
-    prompt, completion = row["prompt"], row["completion"]
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return (tokenizer(prompt).input_ids, tokenizer(completion, add_special_tokens=False).input_ids)
-    if isinstance(prompt, list) and isinstance(completion, list):
-        prompt_ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
-        full = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
-        if full[: len(prompt_ids)] != prompt_ids:
-            raise DataError(f"row {index}: the chat template renders the prompt differently inside the full "
-                            "conversation; pass prompt_ids and completion_ids instead")
-        return prompt_ids, full[len(prompt_ids):]
-    raise DataError(f"row {index}: 'prompt' and 'completion' must both be text or both lists of messages")
 
 
 @torch.no_grad()

@@ -20,10 +20,10 @@ from ..data.prompts import user_message
 from ..errors import ConfigError
 from ..stages.rollouts import RolloutReward
 from ..stages.sampling import plain_prompt_text, resolve_prompt_format
-from ..utils.flops import base_parameter_count
+from .configs import ForkGatedGRPOConfig, fork_gated_kwargs
 from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, run_name
-from .online import ComputeCountingGRPOTrainer, OnlineGatedTrainer
+from .online import ComputeCountingGRPOTrainer, ForkGatedGRPOTrainer
 from .trainer import FiniteAdapterCheck, train_adapter
 
 
@@ -86,29 +86,32 @@ def build_grpo_trainer(
     if cfg.eval.every_steps > 0 and not heldout:
         raise ConfigError("eval.every_steps: there are no held-out problems to evaluate on; set data.num_heldout > 0 "
                           "or eval.every_steps: 0")
-    args = GRPOConfig(
+    common_args = dict(
         output_dir=str(run_dir / "checkpoints"), report_to=report_to, run_name=run_name(cfg), seed=cfg.seed,
         **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **grpo_arguments(cfg),
            "hub_model_id": hub_repo_id(cfg), "push_to_hub": False},
     )
+    if cfg.method == "online":
+        args: GRPOConfig = ForkGatedGRPOConfig(
+            **common_args, **fork_gated_kwargs(cfg.gate, cfg.loss, online=True),
+            entropy_temperature=cfg.entropy_temperature, advantage_clip=cfg.selection.advantage_clip)
+    else:
+        args = GRPOConfig(**common_args)
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     reward = reward if reward is not None else RolloutReward.from_config(cfg)
-    n_params = base_parameter_count(model)
     model.train()
     common: dict[str, Any] = dict(
         model=model, reward_funcs=[VerifierReward(reward)], args=args,
         train_dataset=grpo_dataset(problems, cfg.data, resolve_prompt_format(tokenizer, cfg.data)),
-        processing_class=tokenizer, peft_config=lora, callbacks=[FiniteAdapterCheck()],
-        run_dir=run_dir, n_params=n_params,
+        processing_class=tokenizer, peft_config=lora,
+        run_dir=run_dir,
         base_model_name=base_model_hub_id(cfg.model.name_or_path) or Path(cfg.model.name_or_path).name,
     )
-    if cfg.method == "online":
-        trainer: ComputeCountingGRPOTrainer = OnlineGatedTrainer(
-            **common, gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=cfg.entropy_temperature,
-            advantage_clip=cfg.selection.advantage_clip)
+    if cfg.method == "online":  # the public trainer adds FiniteAdapterCheck itself
+        trainer: ComputeCountingGRPOTrainer = ForkGatedGRPOTrainer(**common)
     else:
-        trainer = ComputeCountingGRPOTrainer(**common)
+        trainer = ComputeCountingGRPOTrainer(**common, callbacks=[FiniteAdapterCheck()])
     if cfg.eval.every_steps > 0:
         trainer.add_callback(HeldoutEval(trainer, heldout, cfg.data, cfg.rollout, every_steps=cfg.eval.every_steps,
                                          num_samples=cfg.eval.num_samples, seed=cfg.seed, reward=reward))

@@ -2,7 +2,7 @@
 
 :class:`ComputeCountingGRPOTrainer` is TRL's own GRPO with one addition: it counts what it
 spends (forward and trained tokens, wall seconds; see :mod:`reasonmaxxer.utils.flops`)
-and writes ``compute.json``. :class:`OnlineGatedTrainer` samples the same way and trains
+and writes ``compute.json``. :class:`ForkGatedGRPOTrainer` samples the same way and trains
 with this project's gate and loss instead of GRPO's.
 
 Pinned to trl==1.16.* (GRPOTrainer). What is relied on, and nothing else:
@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from ..config import GateConfig, LossConfig
 from ..core.advantages import group_advantages
+from ..errors import ConfigError
 from ..models.forward import base_token_stats, policy_token_stats
-from ..utils.flops import ComputeLedger
+from ..utils.flops import ComputeLedger, base_parameter_count
 from ..utils.storage import atomic_write_json, read_json
-from .trainer import ForkGatedLoss, NamedBaseModelCard
+from .configs import ForkGatedGRPOConfig
+from .trainer import FiniteAdapterCheck, ForkGatedLoss, NamedBaseModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def ledger_entry(ledger: ComputeLedger) -> dict[str, Any]:
 
 
 class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
-    """TRL's GRPOTrainer that counts its compute and writes ``<run_dir>/compute.json``.
+    """TRL's GRPOTrainer that counts its compute and writes ``<run_dir>/compute.json``
+    (``run_dir`` defaults to ``args.output_dir``).
 
     Forward tokens: every prompt and completion token of each sample (prefill once per
     sample), and every real position of the old-log-prob and reference passes when TRL
@@ -83,16 +85,17 @@ class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
     forward and backward. Counts are per process and summed over processes when read.
     """
 
-    def __init__(self, *args: Any, run_dir: Path, n_params: int, base_model_name: str | None = None,
+    def __init__(self, *args: Any, run_dir: Path | str | None = None, base_model_name: str | None = None,
                  **kwargs: Any):
-        self.run_dir = Path(run_dir)
         self.base_model_name = base_model_name
-        self._resumed = ComputeLedger(n_params)  # totals (all processes) at the checkpoint this run resumed from
         self._checkpoint_entries: list[dict[str, Any]] = []
         self._host_counts = [0, 0]  # this process: forward, trained tokens since this run started
         self._device_counts: list[torch.Tensor] = []  # (2,) increments not read yet: no host sync per micro-batch
         self._wall_start: float | None = None
         super().__init__(*args, **kwargs)
+        self.run_dir = Path(run_dir if run_dir is not None else self.args.output_dir)
+        # Totals (all processes) at the checkpoint this run resumed from; N is the base's parameters.
+        self._resumed = ComputeLedger(base_parameter_count(self.accelerator.unwrap_model(self.model)))
 
     # ------------------------------------------------------------------ counting
     def _count(self, tokens: torch.Tensor, *, forward_passes: int = 0, trained: bool = False) -> None:
@@ -174,27 +177,58 @@ class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
         self.write_compute(checkpoint_dir=folder)
 
 
-class OnlineGatedTrainer(ForkGatedLoss, ComputeCountingGRPOTrainer):
-    """GRPO's sampling with the fork-gated loss: gate on the base's (or the policy's) entropy,
-    advantages within each prompt's group, the signed term at forks, the exact KL to the base
-    elsewhere.
+class ForkGatedGRPOTrainer(ForkGatedLoss, ComputeCountingGRPOTrainer):
+    """TRL's GRPOTrainer with the fork-gated loss: a drop-in for ``GRPOTrainer(model, reward_funcs, args,
+    train_dataset, peft_config)`` whose gradient flows only through the **base** model's forks.
 
-    One adapter-disabled pass per micro-batch gives the base's log-probs, its entropy at
-    ``entropy_temperature`` and the states the exact KL compares with; the policy's pass
-    runs the LM head fused with its log-probs and the KL (no (B, C, V) logits). GRPO's own
-    loss settings (beta, clipping, importance ratios) are not used.
+    It samples and rewards as GRPO does (``num_generations`` completions per prompt, your
+    reward functions, TRL's generation settings). Each micro-batch then runs one pass
+    with the LoRA adapter disabled, which gives the base's log-probs, its entropy at
+    ``entropy_temperature`` and the states the exact KL compares with. The gate reads the
+    base's entropy (or the policy's), and advantages are z-scored within each prompt's
+    group. The signed term acts at forks and the exact KL to the base elsewhere. The
+    policy's pass runs the LM head fused with its log-probs and the KL (no (B, C, V) logits).
+    GRPO's own loss settings (beta, clipping, importance ratios) are not used.
+
+    TRL's ``top_entropy_quantile`` gates on the *policy's* entropy, which drifts as it
+    trains; this gate stays on the base's. Needs a LoRA adapter (``peft_config`` or a
+    ``PeftModel``): the base is the model with its adapter disabled, never a second copy.
+    Counts its compute into ``compute.json`` in ``args.output_dir``.
+
+    Args:
+        model: a model id or folder, a ``PreTrainedModel``, or a ``PeftModel``.
+        reward_funcs: as in TRL's GRPOTrainer (functions, reward model ids or models).
+        args: the :class:`~reasonmaxxer.ForkGatedGRPOConfig`.
+        train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks,
+            optimizers: as in TRL's GRPOTrainer (a
+            :class:`~reasonmaxxer.training.trainer.FiniteAdapterCheck` is added to the callbacks).
+        kwargs: the other GRPOTrainer keywords (``peft_config``, ...) and:
+            ``run_dir`` (where ``compute.json`` goes; default ``args.output_dir``) and
+            ``base_model_name`` (the base's name in the checkpoints' model card).
     """
 
-    def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
-                 advantage_clip: float, **kwargs: Any):
-        self.gate = gate
-        self.loss_cfg = loss_cfg
-        self.entropy_temperature = entropy_temperature
-        self.advantage_clip = advantage_clip
+    _tag_names = ["trl", "grpo", "reasonmaxxer", "fork-gated"]
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: ForkGatedGRPOConfig | None = None,
+                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
+                 reward_processing_classes: Any = None, callbacks: list[Any] | None = None,
+                 optimizers: tuple[Any, Any] = (None, None), **kwargs: Any):
+        if args is None:
+            model_id = model if isinstance(model, str) else model.config._name_or_path
+            args = ForkGatedGRPOConfig(f"{model_id.rstrip('/').split('/')[-1]}-ForkGatedGRPO")
+        elif not isinstance(args, ForkGatedGRPOConfig):
+            raise TypeError(f"args: expected a reasonmaxxer.ForkGatedGRPOConfig, got {type(args).__name__}")
+        self.gate, self.loss_cfg = args.gate_config, args.loss_config
+        self.entropy_temperature = args.entropy_temperature
+        self.advantage_clip = args.advantage_clip
         self._rewards_gathered: torch.Tensor | None = None
-        super().__init__(*args, **kwargs)
+        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
+                         reward_processing_classes, [FiniteAdapterCheck(), *(callbacks or [])], optimizers, **kwargs)
         # The loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps.
         self.loss_is_scaled_for_ga = False
+        if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
+            raise ConfigError("peft_config: ForkGatedGRPOTrainer trains a LoRA adapter (pass a peft.LoraConfig or a "
+                              "PeftModel): the base it gates and anchors on is the model with its adapter disabled")
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -221,7 +255,7 @@ class OnlineGatedTrainer(ForkGatedLoss, ComputeCountingGRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
-            raise ValueError("OnlineGatedTrainer does not return outputs")
+            raise ValueError("ForkGatedGRPOTrainer does not return outputs")
         batch = packed_batch(inputs)
         peft_model = self.accelerator.unwrap_model(model)
         # One forward pass without the adapter (counted) and one trained pass.

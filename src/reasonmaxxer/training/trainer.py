@@ -12,12 +12,14 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 from trl import SFTTrainer
 
 from ..config import Config, GateConfig, LossConfig
@@ -26,57 +28,18 @@ from ..core.kl import prompt_kl
 from ..core.loss import fork_gated_loss, stats_to_floats
 from ..core.ops import masked_mean
 from ..data.problem import Problem
-from ..errors import ConfigError, TrainingDivergedError
+from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..models.forward import policy_token_stats, prompt_logits
 from ..stages.rollouts import RolloutReward
-from ..utils.sequences import pack_batch, pad_ragged
+from ..stages.scoring import LazyScores, score_rollouts
 from ..utils.storage import atomic_write_json
+from .configs import ForkGatedConfig, fork_gated_kwargs
+from .dataset import ForkCollator, fork_dataset, prepare_fork_dataset, rollouts_fingerprint
 from .heldout_eval import HeldoutEval
 from .model_card import base_model_hub_id, hub_repo_id, push_adapter, run_name, write_model_card
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
-
-
-def fork_dataset(selection: list[dict[str, Any]], rollouts: list[dict[str, Any]]) -> datasets.Dataset:
-    """One row per selected rollout: its index, advantage and length (tensors live in the collator).
-
-    ``length`` (prompt + completion tokens) is what ``train_sampling_strategy:
-    group_by_length`` batches by, so a batch pads to a length near its rows' own.
-    """
-    rows = []
-    for r in selection:
-        i = int(r["rollout_index"])
-        length = len(rollouts[i]["prompt_ids"]) + len(rollouts[i]["completion_ids"])
-        rows.append({"rollout_index": i, "advantage": float(r["advantage"]), "length": length})
-    return datasets.Dataset.from_list(rows)
-
-
-class ForkCollator:
-    """Packs selected rollouts and their cached base scores into the shared layout.
-
-    The rollouts and scores stay in memory here, keyed by rollout index, so the dataset
-    the Trainer iterates over is just (rollout_index, advantage) pairs.
-    """
-
-    def __init__(self, pad_id: int, rollouts: list[dict[str, Any]], scores: dict[int, dict[str, torch.Tensor]]):
-        self.pad_id = pad_id
-        self.rollouts = rollouts
-        self.scores = scores
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        idx = [int(r["rollout_index"]) for r in rows]
-        batch = pack_batch([self.rollouts[i]["prompt_ids"] for i in idx],
-                           [self.rollouts[i]["completion_ids"] for i in idx], self.pad_id)
-        C = batch["completion_ids"].shape[1]
-        scores = [self.scores[i] for i in idx]
-        batch["advantages"] = torch.tensor([float(r["advantage"]) for r in rows], dtype=torch.float32)
-        batch["base_entropy"] = pad_ragged([s["entropy"] for s in scores], C)
-        batch["base_logp"] = pad_ragged([s["logp"] for s in scores], C)
-        if "topk_ids" in scores[0]:
-            batch["topk_ids"] = pad_ragged([s["topk_ids"].long() for s in scores], C)
-            batch["topk_logp"] = pad_ragged([s["topk_logp"] for s in scores], C)
-        return batch
 
 
 def paper_loss_options(loss_cfg: LossConfig) -> dict[str, Any]:
@@ -216,18 +179,118 @@ class NamedBaseModelCard:
 
 
 class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
-    """SFTTrainer whose loss pushes gradient only through forks, anchored by KL elsewhere."""
+    """TRL's SFTTrainer whose loss pushes gradient only through the base's forks, anchored by KL elsewhere.
 
-    def __init__(self, *args: Any, gate: GateConfig, loss_cfg: LossConfig, entropy_temperature: float,
-                 base_model_name: str | None = None, **kwargs: Any):
-        self.gate = gate
+    Trains a LoRA adapter (``peft_config``, or a ``PeftModel``) on rollouts you already
+    have: ``train_dataset`` holds ``prompt`` and ``completion`` (text, or lists of chat
+    messages, as TRL accepts them; or ``prompt_ids``/``completion_ids``) and a ``reward``
+    (advantages are then taken within each prompt's completions) or an ``advantage``.
+    Several completions per prompt, some right and some wrong, are what the loss contrasts.
+
+    The base's entropy, log-probs and top-k at every completion token are read from the
+    columns ``base_entropy``, ``base_logp``, ``topk_ids``, ``topk_logp`` when the dataset
+    has them; otherwise the trainer computes them once, with the adapter disabled, into
+    ``args.base_scores_dir`` (one folder per dataset and model, written shard by shard:
+    a killed run resumes where it stopped, a second run reuses them).
+
+    Args:
+        model: a model id or folder, a ``PreTrainedModel``, or a ``PeftModel``.
+        args: the :class:`~reasonmaxxer.ForkGatedConfig` (default: one in ``<model>-ForkGated``).
+        train_dataset, eval_dataset: ``datasets.Dataset`` of rollouts, as above.
+        processing_class: the tokenizer (default: the model's).
+        peft_config: the LoRA adapter to train (a ``peft.LoraConfig``), unless ``model`` has one.
+        callbacks, optimizers: as in ``transformers.Trainer``.
+        base_scores: the base scores keyed by the dataset's ``rollout_index`` column (the
+            CLI passes its scoring stage's shards here).
+        base_model_name: the base model's name in the checkpoints' model card.
+    """
+
+    _tag_names = ["trl", "reasonmaxxer", "fork-gated"]
+
+    def __init__(
+        self,
+        model: Any,
+        args: ForkGatedConfig | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        *,
+        base_scores: Mapping[int, dict[str, torch.Tensor]] | None = None,
+        base_model_name: str | None = None,
+    ):
+        model_id = model if isinstance(model, str) else model.config._name_or_path
+        if args is None:
+            args = ForkGatedConfig(f"{model_id.rstrip('/').split('/')[-1]}-ForkGated")
+        elif not isinstance(args, ForkGatedConfig):
+            raise TypeError(f"args: expected a reasonmaxxer.ForkGatedConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise DataError("train_dataset: ForkGatedTrainer needs the rollouts to train on")
+        self.gate, self.loss_cfg = args.gate_config, args.loss_config
+        self.entropy_temperature = args.entropy_temperature
         self.base_model_name = base_model_name
-        self.loss_cfg = loss_cfg
-        self.entropy_temperature = entropy_temperature
-        super().__init__(*args, **kwargs)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model_id)
+        if processing_class.pad_token_id is None:
+            processing_class.pad_token = processing_class.eos_token
+        prepare = partial(prepare_fork_dataset, tokenizer=processing_class, advantage_clip=args.advantage_clip,
+                          drop_uniform_groups=args.drop_uniform_groups,
+                          needs_topk=self.loss_cfg.kl_anchor == "cached", keyed_scores=base_scores is not None)
+        train_dataset = prepare(train_dataset, name="train_dataset")
+        scored = "base_entropy" in train_dataset.column_names
+        if eval_dataset is not None:
+            eval_dataset = prepare(eval_dataset, name="eval_dataset")
+            if ("base_entropy" in eval_dataset.column_names) != scored:
+                raise DataError("eval_dataset: give the base score columns in both datasets or in neither")
+            if base_scores is None and not scored:  # scored with the training rows: indices after theirs
+                offset = len(train_dataset)
+                eval_dataset = eval_dataset.map(lambda r: {"rollout_index": r["rollout_index"] + offset})
+        super().__init__(
+            model=model, args=args, data_collator=ForkCollator(processing_class.pad_token_id, base_scores),
+            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+            peft_config=peft_config, callbacks=[FiniteAdapterCheck(), *(callbacks or [])], optimizers=optimizers,
+        )
         # compute_loss returns a per-micro-batch mean (normalised by its own fork and
         # non-fork counts), so the Trainer must divide by the accumulation steps itself.
         self.loss_is_scaled_for_ga = False
+        if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
+            raise ConfigError("peft_config: ForkGatedTrainer trains a LoRA adapter (pass a peft.LoraConfig or a "
+                              "PeftModel): the base it anchors to is the model with its adapter disabled")
+        if base_scores is None and not scored:
+            self.data_collator.scores = self.score_base(
+                [train_dataset] + ([eval_dataset] if eval_dataset is not None else []))
+
+    def score_base(self, parts: list[datasets.Dataset]) -> LazyScores:
+        """The base's scores of every row of ``parts`` (in order: rollout index), computed with the
+        adapter disabled into ``args.base_scores_dir/<fingerprint>``, or read back from there.
+
+        The fingerprint covers the rows' token ids, the model (name and dtype) and the
+        scoring options, so a changed dataset or model never reads stale scores.
+        """
+        args: ForkGatedConfig = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        top_k = args.top_k if self.loss_cfg.kl_anchor == "cached" else 0
+        rows = datasets.concatenate_datasets([p.select_columns(["prompt_ids", "completion_ids"]) for p in parts])
+        base = model.get_base_model()
+        folder = Path(args.base_scores_dir or Path(args.output_dir) / "base_scores") / rollouts_fingerprint(
+            rows, base.config._name_or_path, str(base.dtype), args.entropy_temperature, top_k,
+            args.scoring_batch_size)
+        rollouts = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rows["prompt_ids"], rows["completion_ids"])]
+        was_training = model.training
+        model.eval()
+        try:
+            with model.disable_adapter():
+                summary = score_rollouts(model, rollouts, folder, pad_id=self.processing_class.pad_token_id,
+                                         batch_size=args.scoring_batch_size, top_k=top_k,
+                                         chunk_size=args.scoring_chunk_size,
+                                         entropy_temperature=args.entropy_temperature, progress=not args.disable_tqdm)
+        finally:
+            model.train(was_training)
+        logger.info("base scores of %d rollouts in %s (%d read back from an earlier run)", summary["rollouts"],
+                    folder, summary["resumed_rollouts"])
+        return LazyScores(folder)
 
     def _prompt_kl(self, model: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """For ``loss.kl_on_prompt``: KL(base || policy) at the prompt positions, and their mask.
@@ -318,7 +381,7 @@ def build_trainer(
     tokenizer: Any,
     rollouts: list[dict[str, Any]],
     selection: list[dict[str, Any]],
-    scores: dict[int, dict[str, torch.Tensor]],
+    scores: Mapping[int, dict[str, torch.Tensor]],
     output_dir: Path,
     *,
     report_to: str = "none",
@@ -326,21 +389,19 @@ def build_trainer(
     progress: bool = True,
     heldout: list[Problem] | None = None,
 ) -> ForkGatedTrainer:
-    """A ForkGatedTrainer over the selected rollouts, with a fresh LoRA adapter on ``model``.
+    """The CLI's ForkGatedTrainer: the public one, over the selected rollouts and the scoring
+    stage's ``scores``, with a fresh LoRA adapter on ``model``.
 
     With ``cfg.eval.every_steps`` > 0 it also logs the held-out pass@1 of the policy on
     ``heldout`` (see :mod:`reasonmaxxer.training.heldout_eval`).
     """
     import peft
-    from trl import SFTConfig
 
-    args = SFTConfig(
+    args = ForkGatedConfig(
         output_dir=str(output_dir),
         report_to=report_to,
         run_name=run_name(cfg),
         seed=cfg.seed,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
         # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
         **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **cfg.training,
            # The repo is the run's (the Trainer's default is its output folder's name, "checkpoints"), and
@@ -351,20 +412,19 @@ def build_trainer(
            # backward (gathered over processes), logs them as num_input_tokens_seen and keeps the count
            # in each checkpoint's trainer_state.json: the trained tokens of compute.json.
            "include_num_input_tokens_seen": "non_padding"},
+        **fork_gated_kwargs(cfg.gate, cfg.loss), entropy_temperature=entropy_temperature,
+        top_k=cfg.scoring.top_k,
     )
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     if cfg.eval.every_steps > 0 and not heldout:
         raise ConfigError("eval.every_steps: there are no held-out problems to evaluate on; set data.num_heldout > 0 "
                           "or eval.every_steps: 0")
     model.train()
     trainer = ForkGatedTrainer(
-        model=model, args=args, train_dataset=fork_dataset(selection, rollouts),
-        data_collator=ForkCollator(tokenizer.pad_token_id, rollouts, scores),
-        processing_class=tokenizer, peft_config=lora,
-        gate=cfg.gate, loss_cfg=cfg.loss, entropy_temperature=entropy_temperature,
+        model, args, train_dataset=fork_dataset(selection, rollouts), processing_class=tokenizer, peft_config=lora,
+        base_scores=scores,
         base_model_name=base_model_hub_id(cfg.model.name_or_path) or Path(cfg.model.name_or_path).name,
-        callbacks=[FiniteAdapterCheck()],
     )
     if cfg.eval.every_steps > 0:
         trainer.add_callback(HeldoutEval(trainer, heldout, cfg.data, cfg.rollout, every_steps=cfg.eval.every_steps,
