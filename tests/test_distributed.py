@@ -154,3 +154,35 @@ def test_online_trainer_under_torchrun_gates_and_advantages_over_both_processes(
     assert tokens[0] == tokens[1]  # summed over processes (wall seconds are each process's own)
     completion_tokens = sum(int(c["mask"].sum()) for r in calls for c in r)
     assert ranks[0]["compute"]["trained_tokens"] > completion_tokens  # prompts + completions, both processes
+
+
+def test_public_trainer_scores_and_trains_on_two_processes(tiny_model_dir, tmp_path):
+    """examples/train_on_rollouts.py under torchrun: each process scores its share of the base
+    scores, which equal one process's, and the adapter trains and saves once."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from reasonmaxxer.stages.scoring import load_scores
+
+    rows = []
+    for i in range(6):
+        prompt = [{"role": "user", "content": f"What is {i} + {i + 3}?"}]
+        rows += [{"prompt": prompt, "reward": float(j % 2), "completion": [
+            {"role": "assistant", "content": f"It is {2 * i + 3 + j}." * (1 + j)}]} for j in range(4)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = ROOT / "examples" / "train_on_rollouts.py"
+    runs = {}
+    for nproc in (1, 2):
+        out_dir = tmp_path / f"p{nproc}"
+        out = _torchrun(script, "--model", str(tiny_model_dir), "--data", str(data), "--output_dir", str(out_dir),
+                        "--max_steps", "2", "--tau", "4.0", nproc=nproc)
+        assert out.count("24 rollouts, 2 steps") == nproc
+        (folder,) = (out_dir / "base_scores").iterdir()
+        runs[nproc] = load_scores(folder)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out_dir))
+        assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+    assert sorted(runs[1]) == sorted(runs[2]) == list(range(24))
+    for i in runs[1]:
+        for key in runs[1][i]:
+            assert torch.equal(runs[1][i][key], runs[2][i][key]), (i, key)

@@ -422,7 +422,7 @@ def _public_trainer(tiny_model_dir, tmp_path, rows, **fields):
 
     import reasonmaxxer as rm
 
-    args = rm.ForkGatedConfig(str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", top_k=16,
+    args = rm.ForkGatedConfig(str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", anchor_top_k=16,
                               scoring_batch_size=3, scoring_chunk_size=4, max_steps=2,
                               per_device_train_batch_size=4, **fields)
     return rm.ForkGatedTrainer(str(tiny_model_dir), args, train_dataset=datasets.Dataset.from_list(rows),
@@ -493,7 +493,7 @@ def test_public_trainer_trains_evaluates_and_needs_an_adapter(tiny_model_dir, tm
     from reasonmaxxer.errors import ConfigError
 
     rows = _user_rows()
-    args = rm.ForkGatedConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", top_k=8, max_steps=2,
+    args = rm.ForkGatedConfig(str(tmp_path / "out"), use_cpu=True, report_to="none", anchor_top_k=8, max_steps=2,
                               per_device_train_batch_size=4, learning_rate=1e-2, gate_mode="quantile",
                               gate_quantile=0.3)
     trainer = rm.ForkGatedTrainer(str(tiny_model_dir), args, train_dataset=datasets.Dataset.from_list(rows),

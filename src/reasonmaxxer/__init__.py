@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .core.loss import fork_gated_loss
     from .errors import ConfigError, DataError, UserError
     from .evaluation.measure import movement
+    from .models.loading import resolve_model_path
     from .training.configs import ForkGatedConfig, ForkGatedGRPOConfig
     from .training.online import ForkGatedGRPOTrainer
     from .training.trainer import ForkGatedTrainer
@@ -33,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "DataError": ".errors",
     "UserError": ".errors",
     "movement": ".evaluation.measure",
+    "resolve_model_path": ".models.loading",
     "ForkGatedConfig": ".training.configs",
     "ForkGatedGRPOConfig": ".training.configs",
     "ForkGatedGRPOTrainer": ".training.online",
@@ -51,6 +53,7 @@ __all__ = [
     "fork_mask",
     "gather_logprobs",
     "movement",
+    "resolve_model_path",
     "token_entropy",
     "token_stats",
     "topk_kl",

@@ -83,6 +83,21 @@ class _ForkGatedFields:
             loss.kl_anchor = "exact"
         return loss
 
+    def _default_precision(self) -> None:
+        """``bf16`` left unset: on where the hardware runs bf16 natively (a GPU with bf16, a CPU with
+        AVX512-BF16/AMX, then with ``use_cpu``), off elsewhere. TRL's default (on unless fp16) stops a
+        machine without a GPU unless ``use_cpu`` is given; this is the CLI's ``model.dtype: auto`` rule."""
+        if self.bf16 is not None or self.fp16:
+            return
+        import torch
+
+        from ..models.loading import resolve_dtype
+
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        self.bf16 = resolve_dtype("auto", "cuda" if on_gpu else "cpu") == torch.bfloat16
+        if self.bf16 and not on_gpu:
+            self.use_cpu = True
+
     def _validate_fork_fields(self) -> None:
         """Validate the gate and loss fields once; an error names the flat field."""
         loss_keys = self._loss_keys
@@ -115,7 +130,7 @@ class ForkGatedConfig(_ForkGatedFields, SFTConfig):
 
     kl_anchor: Literal["cached", "exact"] = _like(LossConfig, "kl_anchor")
     kl_on_prompt: bool = _like(LossConfig, "kl_on_prompt")
-    top_k: int = _like(ScoringConfig, "top_k")
+    anchor_top_k: int = _like(ScoringConfig, "top_k")
     scoring_batch_size: int = _like(ScoringConfig, "batch_size")
     scoring_chunk_size: int = _like(ScoringConfig, "chunk_size")
     base_scores_dir: str | None = dataclasses.field(
@@ -129,14 +144,15 @@ class ForkGatedConfig(_ForkGatedFields, SFTConfig):
     def __post_init__(self) -> None:
         self.remove_unused_columns = False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self._default_precision()
         super().__post_init__()
         self._validate_fork_fields()  # validated once here; the trainer reads gate_config and loss_config
-        for key in ("top_k", "scoring_batch_size", "scoring_chunk_size"):
+        for key in ("anchor_top_k", "scoring_batch_size", "scoring_chunk_size"):
             value = getattr(self, key)
-            if value < (0 if key == "top_k" else 1):
-                raise ConfigError(f"{key}: must be >= {0 if key == 'top_k' else 1}, got {value!r}")
-        if self.kl_anchor == "cached" and self.top_k < 1:
-            raise ConfigError("top_k: kl_anchor cached needs the base's top-k (top_k >= 1), got 0; "
+            if value < (0 if key == "anchor_top_k" else 1):
+                raise ConfigError(f"{key}: must be >= {0 if key == 'anchor_top_k' else 1}, got {value!r}")
+        if self.kl_anchor == "cached" and self.anchor_top_k < 1:
+            raise ConfigError("anchor_top_k: kl_anchor cached needs the base's top-k (anchor_top_k >= 1), got 0; "
                               "or set kl_anchor: exact")
 
 
@@ -153,6 +169,7 @@ class ForkGatedGRPOConfig(_ForkGatedFields, GRPOConfig):
 
     def __post_init__(self) -> None:
         self.beta = 0.0
+        self._default_precision()
         super().__post_init__()
         self._validate_fork_fields()
 

@@ -271,7 +271,7 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
         """
         args: ForkGatedConfig = self.args
         model = self.accelerator.unwrap_model(self.model)
-        top_k = args.top_k if self.loss_cfg.kl_anchor == "cached" else 0
+        top_k = args.anchor_top_k if self.loss_cfg.kl_anchor == "cached" else 0
         rows = datasets.concatenate_datasets([p.select_columns(["prompt_ids", "completion_ids"]) for p in parts])
         base = model.get_base_model()
         folder = Path(args.base_scores_dir or Path(args.output_dir) / "base_scores") / rollouts_fingerprint(
@@ -413,7 +413,7 @@ def build_trainer(
            # in each checkpoint's trainer_state.json: the trained tokens of compute.json.
            "include_num_input_tokens_seen": "non_padding"},
         **fork_gated_kwargs(cfg.gate, cfg.loss), entropy_temperature=entropy_temperature,
-        top_k=cfg.scoring.top_k,
+        anchor_top_k=cfg.scoring.top_k,
     )
     lora = peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
