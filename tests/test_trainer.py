@@ -457,8 +457,15 @@ def test_public_trainer_scores_the_base_itself_and_reuses_the_cache(tiny_model_d
     again = _public_trainer(tiny_model_dir, tmp_path, rows)
     assert calls == []  # read back: no base pass
     assert torch.equal(again.data_collator([ds[i] for i in range(len(ds))])["base_entropy"], batch["base_entropy"])
+    # Killed mid-scoring: a missing shard (12 rows in batches of 3: 4 shards) is the only batch scored again.
+    shards = sorted(folders[0].glob("shard-*.safetensors"))
+    assert len(shards) == 4
+    shards[2].unlink()
+    resumed = _public_trainer(tiny_model_dir, tmp_path, rows)
+    assert len(calls) == 1 and shards[2].is_file()
+    assert torch.equal(resumed.data_collator([ds[i] for i in range(len(ds))])["topk_logp"], batch["topk_logp"])
     _public_trainer(tiny_model_dir, tmp_path, rows[:-1])  # other rows: other folder, scored anew
-    assert calls and len(list((tmp_path / "out" / "base_scores").iterdir())) == 2
+    assert len(calls) > 1 and len(list((tmp_path / "out" / "base_scores").iterdir())) == 2
 
 
 def test_public_trainer_reads_score_columns_to_the_same_loss(tiny_model_dir, tmp_path):
