@@ -194,7 +194,7 @@ def test_prompt_preset_reward_and_data_options_resolve():
 # --------------------------------------------------------------------------- the paper's presets
 
 PAPER = {  # the paper's recipe, as its text states it (not read from the presets)
-    "rollout": {"num_samples": 20, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8192},
+    "rollout": {"num_samples": 20, "temperature": 0.6, "top_p": 0.95},
     "scoring": {"entropy_temperature": 1.0},
     "selection": {"trim_longest": 0.2, "advantages_over": "kept", "advantage_clip": 2.5},
     "gate": {"mode": "threshold", "tau": 1.4},
@@ -214,6 +214,8 @@ def test_paper_presets_load_with_a_tiny_model_and_match_the_recipe(name, tiny_mo
             assert getattr(getattr(cfg, section), key) == want, f"{section}.{key}"
     assert cfg.gate.effective()["tau"] == 1.4 and cfg.entropy_temperature == 1.0
     assert cfg.answer_format == "boxed"
+    # The paper's 8192, where the model's 4096 positions (Qwen2.5-Math-7B) leave room (tests/test_limits.py).
+    assert cfg.rollout.max_new_tokens == {"qwen2.5-1.5b": 8192, "qwen2.5-math-7b": 3584}[name]
     t = cfg.training
     assert (t["learning_rate"], t["warmup_steps"], t["max_steps"]) == (1e-4, 50, 149)
     assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"], t["bf16"]) == (1, 8, True)
@@ -251,3 +253,41 @@ def test_tau_pos_and_tau_neg_join_the_gate_fingerprint_only_when_set():
     assert "tau_pos" not in load_config(None, []).gate.effective()
     eff = load_config(None, ["--gate.tau_pos", "1.2"]).gate.effective()
     assert eff["tau_pos"] == 1.2 and "tau_neg" not in eff
+
+
+@pytest.mark.parametrize(("per_device", "accumulation", "world", "split"), [
+    (8, 1, 1, (8, 1)), (8, 1, 2, (4, 1)), (1, 8, 8, (1, 1)), (1, 8, 2, (1, 4)), (2, 4, 2, (2, 2)),
+    (4, 3, 2, (3, 2)), (6, 1, 4, None), (8, 2, 16, (1, 1)),
+])
+def test_the_global_batch_is_the_configs_on_any_number_of_processes(per_device, accumulation, world, split):
+    """Brute force: every (micro, accumulation) with micro x accumulation x world = the config's product;
+    the one chosen has the largest micro-batch within the config's, and nothing else changes."""
+    from reasonmaxxer.config.schema import split_global_batch
+
+    training = {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+                "learning_rate": 1e-4}
+    total = per_device * accumulation
+    options = [(m, a) for m in range(1, per_device + 1) for a in range(1, total + 1) if m * a * world == total]
+    if split is None:
+        assert not options
+        with pytest.raises(ConfigError, match=f"the global batch {total} .* does not split over {world} processes"):
+            split_global_batch(training, world)
+        return
+    got = split_global_batch(training, world)
+    assert (got["per_device_train_batch_size"], got["gradient_accumulation_steps"]) == split == max(options)
+    assert got["learning_rate"] == 1e-4
+
+
+def test_run_header_prints_the_split_and_a_lone_process_of_an_accelerate_launch(monkeypatch, capsys):
+    from reasonmaxxer.cli import _print_header
+
+    cfg = load_config(None, ["--training.per_device_train_batch_size", "8"])
+    _print_header(cfg)
+    assert "1 process, global batch 8 = 1 process x 8 per device x 1 accumulation" in capsys.readouterr().out
+    # What `accelerate launch --num_processes 2 --cpu` with the FSDP config leaves in the environment.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    _print_header(cfg)
+    err = capsys.readouterr().err
+    assert "accelerate launch asked for several processes but started 1" in err and len(err.splitlines()) == 1

@@ -186,3 +186,40 @@ def test_public_trainer_scores_and_trains_on_two_processes(tiny_model_dir, tmp_p
     for i in runs[1]:
         for key in runs[1][i]:
             assert torch.equal(runs[1][i][key], runs[2][i][key]), (i, key)
+
+
+def test_one_and_two_processes_train_on_the_same_rows_per_step(tiny_model_dir, tmp_path):
+    """The config's batch is the global batch: on 2 processes each step trains on the rows (and so the
+    tokens) one process trains on, with length grouping on; TRL alone would take twice as many."""
+    import shutil
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Enough rows (400 rollouts) that transformers' length grouping cuts them into megabatches of 50 of one
+    # process's batches: grouped by that batch, 1 and 2 processes would order them differently.
+    extra = ("--data.num_train", "100", "--training.max_steps", "4", "--training.per_device_train_batch_size", "2",
+             "--training.save_steps", "10")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT / "src")}
+    for stage in ("problems", "rollouts"):
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_run_args(tiny_model_dir, one, *extra),
+                        "--stage", stage], env=env, check=True, capture_output=True)
+    give_mixed_rewards(one / "rollouts.jsonl")
+    # A length of its own for every row (the tiny model's prompts are alike and its completions all run to
+    # max_new_tokens), so the tokens of a step say which rows it trained on.
+    rows = [json.loads(line) for line in _rows(one / "rollouts.jsonl")]
+    for i, r in enumerate(rows):
+        r["prompt_ids"] = (r["prompt_ids"] * 3)[: 20 + i]
+        r["completion_ids"], r["finish"] = r["completion_ids"][: 1 + i % 12], "eos"
+    (one / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(one, two)
+    out_one = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_run_args(tiny_model_dir, one, *extra)],
+                             env=env, check=True, capture_output=True, text=True).stdout
+    out_two = _torchrun(ROOT / "train.py", *tiny_run_args(tiny_model_dir, two, *extra))
+    assert "global batch 2 = 1 process x 2 per device x 1 accumulation" in out_one
+    assert "global batch 2 = 2 processes x 1 per device x 1 accumulation" in out_two
+
+    def tokens_per_step(run):
+        seen = [h["num_input_tokens_seen"] for h in json.loads((run / "train_log.json").read_text())
+                if "loss" in h]
+        return [b - a for a, b in zip([0, *seen], seen)]
+
+    assert len(tokens_per_step(one)) == 4 and tokens_per_step(two) == tokens_per_step(one)

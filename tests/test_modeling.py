@@ -151,10 +151,11 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert loading.describe_dtype("float32", "cpu") == "float32"
     monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    # Native bf16 from compute capability 8.0 (Ampere); before it torch emulates bf16, slowly.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
     assert resolve_dtype("auto", "auto") is torch.bfloat16
     assert resolve_dtype("auto", "cpu") is torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
     assert resolve_dtype("auto", "cuda") is torch.float32
     with pytest.raises(ConfigError, match="model.dtype: unknown dtype 'fp8'"):
         resolve_dtype("fp8")

@@ -56,15 +56,46 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _print_header(cfg: Any) -> None:
-    """The run header: the model, the dtype it runs in here (and why, for ``auto``), the processes."""
-    if not dist.is_main():
+def _check_model_limits(cfg: Any, *, training: bool) -> None:
+    """What the config asks of the model against what it has, before any work: bf16 where the device
+    has it, the longest completion within its context, vLLM's tensor parallel size within its heads."""
+    import torch
+
+    from .models.limits import check_context, check_precision, check_tensor_parallel
+    from .models.loading import local_model_config, resolve_device, resolve_dtype
+
+    device = resolve_device(dist.process_device(cfg.model.device))
+    check_precision(resolve_dtype(cfg.model.dtype, device), device)
+    if training and cfg.training.get("bf16"):
+        check_precision(torch.bfloat16, device, key="training.bf16")
+    config = local_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    if config is None:
         return
+    name = cfg.model.name_or_path
+    check_context(config, longest_prompt=1, max_new_tokens=cfg.rollout.max_new_tokens, model_name=name)
+    if cfg.rollout.backend == "vllm":
+        check_tensor_parallel(config, size=cfg.rollout.vllm_tensor_parallel_size, model_name=name)
+
+
+def _print_header(cfg: Any, *, training: bool = True) -> None:
+    """The run header: the model, the dtype it runs in here (and why, for ``auto``), the processes
+    and how they split the global batch; a launch that asked for more processes than it started.
+
+    Every process checks the batch split (a ConfigError before any work); the main one prints.
+    """
+    from .config.schema import describe_batch
     from .models.loading import describe_dtype
 
+    batch = f", {describe_batch(cfg.training, dist.world_size())}" if training else ""
+    _check_model_limits(cfg, training=training)
+    if not dist.is_main():
+        return
     n = dist.world_size()
     print(f"ReasonMaxxer: {cfg.model.name_or_path} in {describe_dtype(cfg.model.dtype, cfg.model.device)}, "
-          f"{n} process{'es' if n > 1 else ''}", flush=True)
+          f"{n} process{'es' if n > 1 else ''}{batch}", flush=True)
+    lone = dist.asked_for_more_processes()
+    if lone:
+        print(f"warning: {lone}", file=sys.stderr, flush=True)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +234,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         # Its own lock, not training's: eval beside a running training job is fine (it writes
         # other files), two evals into one folder are not.
         with hold_folder(out, name=EVAL_LOCK_NAME, what=f"eval folder '{out}'"):
-            _print_header(cfg)
+            _print_header(cfg, training=False)
             result = run_eval(
                 cfg,
                 adapter_path=Path(args.adapter) if args.adapter else run_dir / "adapter",

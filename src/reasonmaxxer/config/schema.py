@@ -415,6 +415,42 @@ same sampling with the fork gate and loss in place of GRPO's."""
 _SFT_ONLY_TRAINING_KEYS = frozenset({"train_sampling_strategy"})
 
 
+def split_global_batch(training: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """``training`` for one of ``world_size`` processes, with the global batch of one process.
+
+    The config's ``per_device_train_batch_size`` x ``gradient_accumulation_steps`` is the
+    number of rows per optimizer step, as written; TRL would multiply it by the number
+    of processes. Here each process takes 1/N of it: the largest micro-batch that
+    divides its share and is no larger than the config's (memory stays within what was
+    asked), accumulated over the rest. E.g. 8 x 1 on 2 processes is 4 x 1 each; 1 x 8
+    on 8 processes is 1 x 1 each; 2 x 4 on 2 processes is 2 x 2 each.
+
+    Raises:
+        ConfigError when the global batch is not a multiple of ``world_size``.
+    """
+    per_device = int(training.get("per_device_train_batch_size", TRAINING_DEFAULTS["per_device_train_batch_size"]))
+    accumulation = int(training.get("gradient_accumulation_steps", 1))
+    global_batch = per_device * accumulation
+    if world_size == 1:
+        return {**training, "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation}
+    if global_batch % world_size:
+        raise ConfigError(
+            f"training.per_device_train_batch_size: the global batch {global_batch} (per_device_train_batch_size "
+            f"{per_device} x gradient_accumulation_steps {accumulation}) does not split over {world_size} processes; "
+            f"make it a multiple of {world_size}")
+    share = global_batch // world_size
+    micro = max(d for d in range(1, min(per_device, share) + 1) if share % d == 0)
+    return {**training, "per_device_train_batch_size": micro, "gradient_accumulation_steps": share // micro}
+
+
+def describe_batch(training: dict[str, Any], world_size: int) -> str:
+    """One phrase for the run header: the global batch and how the processes split it."""
+    split = split_global_batch(training, world_size)
+    micro, accumulation = split["per_device_train_batch_size"], split["gradient_accumulation_steps"]
+    return (f"global batch {micro * accumulation * world_size} = {world_size} process"
+            f"{'es' if world_size > 1 else ''} x {micro} per device x {accumulation} accumulation")
+
+
 def grpo_arguments(cfg: "Config") -> dict[str, Any]:
     """The keyword arguments of ``trl.GRPOConfig`` for method grpo/online (output_dir etc. aside).
 
@@ -424,7 +460,10 @@ def grpo_arguments(cfg: "Config") -> dict[str, Any]:
     max_completion_length = max_new_tokens), then the ``grpo`` section as written. With
     method online, ``beta`` is 0: the KL anchor is the loss's own (``loss.kl_coef``).
     """
-    args = {k: v for k, v in cfg.training.items() if k not in _SFT_ONLY_TRAINING_KEYS}
+    from ..utils.distributed import world_size
+
+    args = {k: v for k, v in split_global_batch(cfg.training, world_size()).items()
+            if k not in _SFT_ONLY_TRAINING_KEYS}
     args.update(num_generations=cfg.rollout.num_samples, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, max_completion_length=cfg.rollout.max_new_tokens)
     args.update(cfg.grpo)
@@ -468,7 +507,10 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: dict[str, Any] = field(
         default_factory=lambda: dict(TRAINING_DEFAULTS),
-        metadata={"help": "TRL SFTConfig / transformers TrainingArguments, passed through."},
+        metadata={"help": "TRL SFTConfig / transformers TrainingArguments, passed through, except that "
+                          "per_device_train_batch_size x gradient_accumulation_steps is the global batch (rows per "
+                          "optimizer step) whatever the number of processes: on N processes each takes 1/N of it, "
+                          "accumulating fewer micro-batches first (the run header prints the split)."},
     )
     grpo: dict[str, Any] = field(
         default_factory=dict,

@@ -226,6 +226,27 @@ def resolve_model_path(name_or_path: str, *, cache_dir: str | Path | None = None
     return name_or_path
 
 
+def local_model_config(name_or_path: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's config when it can be read here without a download or a conversion, else None.
+
+    For the checks before any work (:mod:`reasonmaxxer.models.limits`): a local folder,
+    the hub cache, or the embedded default once it is converted. Otherwise the stage
+    that loads the model reads it (and checks the prompts against it then).
+    """
+    from transformers import AutoConfig
+
+    if name_or_path == SMOLLM2:
+        if not _is_complete(smollm2_cache_path()):
+            return None
+        name_or_path = str(smollm2_cache_path())
+    try:
+        return AutoConfig.from_pretrained(str(Path(name_or_path).expanduser()) if _looks_local(name_or_path)
+                                          else name_or_path, local_files_only=True,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # not on this machine (yet): nothing to check against now
+        return None
+
+
 def check_model_source(name_or_path: str) -> None:
     """Fail fast, before any work, on a model that cannot be loaded here.
 
@@ -280,7 +301,7 @@ def resolve_dtype(dtype: str = "auto", device: str | torch.device = "auto") -> t
     """
     if dtype == "auto":
         dev = resolve_device(device) if isinstance(device, str) else device
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8:  # native bf16, not emulated
             return torch.bfloat16
         if dev.type == "cpu" and cpu_supports_bf16():
             return torch.bfloat16

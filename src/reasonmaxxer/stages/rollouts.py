@@ -19,6 +19,7 @@ from ..data.problem import Problem
 from ..data.prompts import user_message
 from ..data.reward_functions import RewardFunction, call_reward_function, load_reward_function
 from ..data.rewards import AnswerFormat, verify
+from ..models.limits import check_context
 from ..utils import distributed as dist
 from ..utils.storage import append_jsonl, read_jsonl_cut_torn_tail, write_jsonl
 from .sampling import eos_token_ids, generate_batch, prompt_ids, resolve_prompt_format
@@ -87,6 +88,9 @@ def run_rollouts(
         prompt_format = resolve_prompt_format(tokenizer, data, log=dist.is_main())
     eos_ids = eos_token_ids(model, tokenizer)
     prompts = {p.id: prompt_ids(tokenizer, p, data, prompt_format) for p in problems}
+    if prompts:
+        check_context(model.config, longest_prompt=max(len(ids) for ids in prompts.values()),
+                      max_new_tokens=cfg.max_new_tokens, model_name=getattr(model, "name_or_path", "the model"))
     order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
     per_call = max(1, cfg.batch_size // cfg.num_samples)
     batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]

@@ -72,10 +72,11 @@ class VllmSampler:
         """``max_model_len`` 0 leaves vLLM the model's own context length; ``max_lora_rank`` > 0
         enables LoRA adapters up to that rank (see :meth:`with_adapter`)."""
         require_vllm()
-        from transformers import GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
         from vllm import LLM
 
         self.generation_config = GenerationConfig.from_pretrained(model_path)  # for the EOS ids
+        self.config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)  # its context
         optional: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
         if max_lora_rank:
             optional.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(max_lora_rank), max_loras=1)
@@ -113,6 +114,7 @@ class VllmAdapterSampler:
         self.sampler = sampler
         self.adapter_path = adapter_path
         self.generation_config = sampler.generation_config  # the EOS ids: the base's
+        self.config = sampler.config
 
     def generate(self, prompts: list[list[int]], cfg: RolloutConfig, eos_ids: set[int], *, seed: int,
                  do_sample: bool = True) -> list[list[tuple[list[int], str]]]:

@@ -199,11 +199,15 @@ class ForkGatedGRPOTrainer(ForkGatedLoss, ComputeCountingGRPOTrainer):
         model: a model id or folder, a ``PreTrainedModel``, or a ``PeftModel``.
         reward_funcs: as in TRL's GRPOTrainer (functions, reward model ids or models).
         args: the :class:`~reasonmaxxer.ForkGatedGRPOConfig`.
-        train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks,
-            optimizers: as in TRL's GRPOTrainer (a
-            :class:`~reasonmaxxer.training.trainer.FiniteAdapterCheck` is added to the callbacks).
-        kwargs: the other GRPOTrainer keywords (``peft_config``, ...) and:
-            ``run_dir`` (where ``compute.json`` goes; default ``args.output_dir``) and
+        train_dataset: prompts, as in TRL's GRPOTrainer.
+        eval_dataset: as in TRL's GRPOTrainer.
+        processing_class: as in TRL's GRPOTrainer.
+        reward_processing_classes: as in TRL's GRPOTrainer.
+        callbacks: as in TRL's GRPOTrainer; a
+            :class:`~reasonmaxxer.training.trainer.FiniteAdapterCheck` is added.
+        optimizers: as in TRL's GRPOTrainer.
+        **kwargs: the other GRPOTrainer keywords (``peft_config``, ...), ``run_dir``
+            (where ``compute.json`` goes; default ``args.output_dir``) and
             ``base_model_name`` (the base's name in the checkpoints' model card).
     """
 

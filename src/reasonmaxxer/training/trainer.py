@@ -20,9 +20,11 @@ from typing import Any
 import datasets
 import torch
 from transformers import AutoTokenizer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from ..config import Config, GateConfig, LossConfig
+from ..config.schema import split_global_batch
 from ..core.gate import gate_mask
 from ..core.kl import prompt_kl
 from ..core.loss import fork_gated_loss, stats_to_floats
@@ -32,6 +34,7 @@ from ..errors import ConfigError, DataError, TrainingDivergedError
 from ..models.forward import policy_token_stats, prompt_logits
 from ..stages.rollouts import RolloutReward
 from ..stages.scoring import LazyScores, score_rollouts
+from ..utils import distributed as dist
 from ..utils.storage import atomic_write_json
 from .configs import ForkGatedConfig, fork_gated_kwargs
 from .dataset import ForkCollator, fork_dataset, prepare_fork_dataset, rollouts_fingerprint
@@ -196,10 +199,12 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
     Args:
         model: a model id or folder, a ``PreTrainedModel``, or a ``PeftModel``.
         args: the :class:`~reasonmaxxer.ForkGatedConfig` (default: one in ``<model>-ForkGated``).
-        train_dataset, eval_dataset: ``datasets.Dataset`` of rollouts, as above.
+        train_dataset: a ``datasets.Dataset`` of rollouts, as above.
+        eval_dataset: another, for ``trainer.evaluate()`` (the gated loss and its statistics).
         processing_class: the tokenizer (default: the model's).
         peft_config: the LoRA adapter to train (a ``peft.LoraConfig``), unless ``model`` has one.
-        callbacks, optimizers: as in ``transformers.Trainer``.
+        callbacks: as in ``transformers.Trainer``; a :class:`FiniteAdapterCheck` is added.
+        optimizers: as in ``transformers.Trainer``.
         base_scores: the base scores keyed by the dataset's ``rollout_index`` column (the
             CLI passes its scoring stage's shards here).
         base_model_name: the base model's name in the checkpoints' model card.
@@ -261,6 +266,20 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
         if base_scores is None and not scored:
             self.data_collator.scores = self.score_base(
                 [train_dataset] + ([eval_dataset] if eval_dataset is not None else []))
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """The Trainer's sampler, with ``group_by_length`` grouping whole optimizer steps.
+
+        Transformers groups by one process's batch, so the rows of a step would depend on
+        the number of processes. Grouped by the global batch (every process's micro-batches
+        of one step), a step trains on the same rows on 1 or N processes: accelerate hands
+        process r the micro-batches r, r + N, ... of the sampler's order.
+        """
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            args = self.args
+            sampler.batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return sampler
 
     def score_base(self, parts: list[datasets.Dataset]) -> LazyScores:
         """The base's scores of every row of ``parts`` (in order: rollout index), computed with the
@@ -403,7 +422,8 @@ def build_trainer(
         run_name=run_name(cfg),
         seed=cfg.seed,
         # Every LoRA weight gets a gradient each step: DDP need not search for unused ones.
-        **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress, **cfg.training,
+        **{"ddp_find_unused_parameters": False, "disable_tqdm": not progress,
+           **split_global_batch(cfg.training, dist.world_size()),
            # The repo is the run's (the Trainer's default is its output folder's name, "checkpoints"), and
            # train_adapter pushes the adapter folder with its card, so the Trainer itself never pushes
            # (it would upload checkpoints/ at every save).

@@ -20,6 +20,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def asked_for_more_processes() -> str | None:
+    """Why this lone process was meant to be one of several, or None.
+
+    ``accelerate launch --num_processes N --cpu`` with an FSDP, DeepSpeed or multi-GPU
+    config runs accelerate's simple launcher: it sets ``MASTER_ADDR``/``MASTER_PORT`` for
+    N processes but starts this one alone, with no ``WORLD_SIZE``, and says nothing.
+    """
+    if "WORLD_SIZE" in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    if "ACCELERATE_USE_CPU" in os.environ:
+        return ("accelerate launch asked for several processes but started 1: with --cpu it starts one process "
+                "for FSDP, DeepSpeed and multi-GPU configs. On CPU processes use torchrun --nproc_per_node N "
+                "(with the FSDP_* environment for FSDP); on GPUs drop --cpu")
+    return None
+
+
 def _state() -> Any:
     import torch
     from accelerate import PartialState
