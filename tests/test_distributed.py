@@ -223,3 +223,38 @@ def test_one_and_two_processes_train_on_the_same_rows_per_step(tiny_model_dir, t
         return [b - a for a, b in zip([0, *seen], seen)]
 
     assert len(tokens_per_step(one)) == 4 and tokens_per_step(two) == tokens_per_step(one)
+
+
+def test_collectives_wait_as_long_as_training_ddp_timeout(tmp_path):
+    """dist.init(timeout_s) (training.ddp_timeout) bounds a barrier: 6 s late passes a 60 s timeout and
+    fails a 2 s one, after about 2 s rather than the 30-minute default."""
+    import re
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(WORKERS)])}
+
+    def run(timeout_s, late_s):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(WORKERS / "collective_timeout.py"), str(timeout_s), str(late_s)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    ok = run(60, 6)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    waited = float(re.search(r"rank 0 waited ([\d.]+) s", ok.stdout).group(1))
+    assert 4 < waited < 30
+    short = run(2, 20)
+    assert short.returncode != 0
+    gave_up = float(re.search(r"rank 0 gave up after ([\d.]+) s", short.stdout).group(1))
+    assert gave_up < 10
+
+
+def test_a_nan_in_one_processs_adapter_stops_every_process(tiny_model_dir, tmp_path):
+    """FiniteAdapterCheck combines the processes' verdicts: both stop at step 1, none waits for the other."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(WORKERS)])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKERS / "nonfinite_rank.py"), str(tiny_model_dir), str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped at step 1: training: 1 adapter weight tensor(s) became NaN" in proc.stdout, \
+            proc.stdout + proc.stderr[-2000:]

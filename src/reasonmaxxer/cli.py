@@ -181,6 +181,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
         if args.merge and args.stage not in (None, "training"):
             trained_adapter_dir(Path(cfg.output_dir))  # refuse before the stage runs: nothing would be merged
+        # Every collective of the run waits at most training.ddp_timeout (a barrier while another process samples).
+        dist.init(timeout_s=float(cfg.training.get("ddp_timeout", dist.DEFAULT_TIMEOUT_S)))
         with hold_run_folder(cfg.output_dir):  # one job per folder (a requeued job while the first still runs)
             _print_header(cfg)
             results = Pipeline(cfg, progress=not args.no_progress, overwrite=args.overwrite).run(only=args.stage)

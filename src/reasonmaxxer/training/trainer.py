@@ -347,12 +347,19 @@ class FiniteAdapterCheck(TrainerCallback):
 
     Runs before the step's checkpoint is written, so no checkpoint or saved adapter ever
     holds a non-finite weight. Checking the LoRA weights costs one pass over a few MB.
+    Every process checks what it holds (its shard under FSDP/ZeRO-3) and the verdicts are
+    combined, so all processes stop together: one that stopped alone would leave the
+    others waiting in the next step's collectives until the timeout.
     """
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        finite = torch.stack([torch.isfinite(p).all() for _, p in params])  # one device sync, not one per weight
-        if not bool(finite.all()):
+        # A sharded weight (a DTensor) is checked on this process's shard.
+        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in params]
+        finite = torch.stack([torch.isfinite(p).all() for p in local]).to(torch.uint8)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite.all()):  # one device sync, not one per weight
             bad = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
             grad_norm = next((h["grad_norm"] for h in reversed(state.log_history) if "grad_norm" in h), None)
             raise TrainingDivergedError(

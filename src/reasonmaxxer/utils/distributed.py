@@ -36,20 +36,30 @@ def asked_for_more_processes() -> str | None:
     return None
 
 
-def _state() -> Any:
+DEFAULT_TIMEOUT_S = 1800  # transformers' ddp_timeout default
+
+
+def _state(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
 
-    # A singleton: the first call joins the process group, and TRL's trainer reuses it.
-    # Without ``cpu=True`` accelerate takes a torchrun job on CPUs for a single process
-    # (the Trainer asks for the same when there is no GPU).
-    return PartialState(cpu=not torch.cuda.is_available())
+    # A singleton: the first call joins the process group (with its timeout), and TRL's
+    # trainer reuses it. Without ``cpu=True`` accelerate takes a torchrun job on CPUs for a
+    # single process (the Trainer asks for the same when there is no GPU).
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout_s))
 
 
-def init() -> None:
-    """Join the process group when there are several processes."""
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the process group when there are several processes.
+
+    ``timeout_s`` bounds every collective of the run (a barrier while another process
+    still samples its rollouts, the Trainer's all-reduces): the first call sets it, for
+    the whole run (``training.ddp_timeout``).
+    """
     if world_size() > 1:
-        _state()
+        _state(timeout_s)
 
 
 def rank() -> int:
