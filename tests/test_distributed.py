@@ -23,14 +23,16 @@ from quantile_gate import shared_batch  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _torchrun(script: Path, *args: str, nproc: int = 2) -> str:
+def _torchrun(script: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None, full: bool = False):
+    """Run ``script`` on ``nproc`` processes (``env`` added to the environment); its stdout, or with
+    ``full`` the finished process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(WORKERS)])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(WORKERS)]), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return proc if full else proc.stdout
 
 
 @pytest.mark.parametrize("quantile", [0.2, 0.5, 1.0])
@@ -258,3 +260,73 @@ def test_a_nan_in_one_processs_adapter_stops_every_process(tiny_model_dir, tmp_p
     for rank in (0, 1):
         assert f"rank {rank} stopped at step 1: training: 1 adapter weight tensor(s) became NaN" in proc.stdout, \
             proc.stdout + proc.stderr[-2000:]
+
+
+def _launch_env(config_file: Path) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file FILE --num_processes 2`` gives each process,
+    computed by accelerate itself."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "--num_processes", "2",
+                                                str(ROOT / "train.py")])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+@pytest.mark.parametrize("config_file", ["ddp.yaml", "fsdp.yaml"])
+def test_launch_config_runs_every_stage_on_two_processes_as_one_process_does(tiny_model_dir, tmp_path, config_file):
+    """Each shipped accelerate config, on 2 CPU processes (torchrun with accelerate's own environment for
+    it): both processes sample and score with the real weights (rollouts and score shards byte-equal to
+    one process's, with process 1's batches among them), training records how it ran, the adapter
+    matches one process's and loads with plain PEFT. On CPU accelerate runs FSDP as DDP: the run says so."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    launch = _launch_env(ROOT / "configs" / "accelerate" / config_file)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT / "src")}
+    runs = {1: tmp_path / "one", 2: tmp_path / "two"}
+    outputs = {}
+    for n, run in runs.items():
+        args = tiny_run_args(tiny_model_dir, run)
+        for stage in ("problems", "rollouts"):
+            if n == 1:
+                subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--stage", stage], env=env, check=True,
+                               capture_output=True)
+            else:
+                _torchrun(ROOT / "train.py", *args, "--stage", stage, env=launch)
+        give_mixed_rewards(run / "rollouts.jsonl")
+        if n == 1:
+            outputs[n] = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=env, check=True,
+                                        capture_output=True, text=True)
+        else:
+            outputs[n] = _torchrun(ROOT / "train.py", *args, env=launch, full=True)
+    one, two = runs[1], runs[2]
+    assert _rows(two / "rollouts.jsonl") == _rows(one / "rollouts.jsonl")
+    assert json.loads((two / "stages" / "rollouts.json").read_text())["summary"]["batches_per_process"][1] > 0
+    shards = sorted(p.name for p in (one / "scores").glob("shard-*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (two / "scores").glob("shard-*.safetensors"))
+    assert all((one / "scores" / s).read_bytes() == (two / "scores" / s).read_bytes() for s in shards)
+
+    parallel = json.loads((two / "stages" / "training.json").read_text())["summary"]["parallel"]
+    assert (parallel["strategy"], parallel["processes"], parallel["wrapper"]) == (
+        "MULTI_CPU", 2, "DistributedDataParallel")
+    asked_fsdp = launch.get("ACCELERATE_USE_FSDP") == "true"
+    assert asked_fsdp == (config_file == "fsdp.yaml")
+    assert ("mismatch" in parallel) == asked_fsdp
+    assert ("the launch asked for FSDP but the trainer runs MULTI_CPU" in outputs[2].stderr) == asked_fsdp
+
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (one, two))
+    diff = sum(((a[k].float() - b[k].float()) ** 2).sum() for k in a) ** 0.5
+    assert a.keys() == b.keys() and diff / sum((a[k].float() ** 2).sum() for k in a) ** 0.5 < 1e-3
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(two / "adapter"))
+    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+    # The last stage, eval.py (one process), on the 2-process run's adapter.
+    args = tiny_run_args(tiny_model_dir, two)
+    args[args.index("--output_dir")] = "--run_dir"
+    evaluated = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args, "--eval.num_samples", "2",
+                                "--eval.movement_rollouts", "6", "--eval.bootstrap", "200"],
+                               env=env, capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads((two / "movement.json").read_text())["positions"]["fork"] > 0

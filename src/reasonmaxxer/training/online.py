@@ -36,7 +36,7 @@ from ..models.forward import base_token_stats, policy_token_stats
 from ..utils.flops import ComputeLedger, base_parameter_count
 from ..utils.storage import atomic_write_json, read_json
 from .configs import ForkGatedGRPOConfig
-from .trainer import FiniteAdapterCheck, ForkGatedLoss, NamedBaseModelCard
+from .trainer import FiniteAdapterCheck, ForkGatedLoss, NamedBaseModelCard, launch_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
         self._wall_start: float | None = None
         super().__init__(*args, **kwargs)
         self.run_dir = Path(run_dir if run_dir is not None else self.args.output_dir)
+        if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
+            logger.warning("%s", mismatch)
         # Totals (all processes) at the checkpoint this run resumed from; N is the base's parameters.
         self._resumed = ComputeLedger(base_parameter_count(self.accelerator.unwrap_model(self.model)))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -260,6 +261,8 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
         # compute_loss returns a per-micro-batch mean (normalised by its own fork and
         # non-fork counts), so the Trainer must divide by the accumulation steps itself.
         self.loss_is_scaled_for_ga = False
+        if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
+            logger.warning("%s", mismatch)
         if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
             raise ConfigError("peft_config: ForkGatedTrainer trains a LoRA adapter (pass a peft.LoraConfig or a "
                               "PeftModel): the base it anchors to is the model with its adapter disabled")
@@ -460,6 +463,41 @@ def build_trainer(
     return trainer
 
 
+def launch_mismatch(accelerator: Any) -> str | None:
+    """The strategy the launch asked for (accelerate's environment) when the trainer does not run it.
+
+    accelerate 1.16 turns ``ACCELERATE_USE_FSDP``/``ACCELERATE_USE_DEEPSPEED`` into FSDP or
+    DeepSpeed only on GPUs and other accelerators; on CPU processes it runs DDP and says
+    nothing, so the weights are replicated on every process rather than sharded.
+    """
+    asked = [name for name, key in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(key, "false").lower() == "true"]
+    runs = accelerator.distributed_type.value
+    if not asked or runs in asked:
+        return None
+    return (f"the launch asked for {asked[0]} but the trainer runs {runs} over {accelerator.num_processes} "
+            f"process(es): accelerate enables {asked[0]} only on GPUs and other accelerators, so every process "
+            "holds the whole model")
+
+
+def describe_parallelism(trainer: Any) -> dict[str, Any]:
+    """How the trained model was spread over the processes, as the run summary records it.
+
+    ``strategy`` is accelerate's (``NO``, ``MULTI_CPU``/``MULTI_GPU`` for DDP, ``FSDP``,
+    ``DEEPSPEED``), ``wrapper`` the class the model trained as (``DistributedDataParallel``,
+    ``FSDP...`` for FSDP2), ``sharded`` how many trainable tensors each process holds only
+    a shard of (DTensors): a launch that fell back to one process or to no sharding shows here.
+    """
+    accelerator = trainer.accelerator
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    return {
+        "strategy": accelerator.distributed_type.value,
+        "processes": accelerator.num_processes,
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "sharded": f"{sum(1 for p in trainable if hasattr(p, 'to_local'))}/{len(trainable)}",
+    }
+
+
 def train_adapter(trainer: ForkGatedTrainer, run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Train, resuming from the last checkpoint in ``run_dir/checkpoints``; save the adapter.
 
@@ -483,6 +521,8 @@ def train_adapter(trainer: ForkGatedTrainer, run_dir: Path, cfg: Config) -> dict
         "resumed_from": resume.rsplit("-", 1)[-1] if resume else None,
         "train_loss": result.training_loss,
         "trained_tokens": int(trainer.state.num_input_tokens_seen),
+        "parallel": {**describe_parallelism(trainer),
+                     **({"mismatch": mismatch} if (mismatch := launch_mismatch(trainer.accelerator)) else {})},
         **({"pushed_to": pushed_to} if pushed_to else {}),
         **{k: last[k] for k in ("fork_fraction", "fork_term", "kl_term", "dlogp_pos_forks", "dlogp_neg_forks")
            if k in last},
