@@ -542,3 +542,34 @@ def test_boxed_preset_makes_the_verifier_require_a_box(model, tokenizer, problem
     run_rollouts(model, tokenizer, problems[:2], DataConfig(prompt_preset="boxed"), CFG, tmp_path / "b.jsonl",
                  seed=0, progress=False, reward=boxed)
     assert seen == ["boxed"] * 4
+
+
+@pytest.mark.parametrize(("budget", "num_samples", "max_new_tokens"), [(0, 8, 16), (2000, 8, 16), (600, 20, 10),
+                                                                         (100, 8, 16), (10**6, 4, 32)])
+def test_rollout_batches_fill_the_token_budget_greedily(budget, num_samples, max_new_tokens):
+    """Against the rule itself: every call fits (or is one prompt), none could take the next prompt,
+    and the calls cover the prompts in order; without a budget, batch_size // num_samples prompts."""
+    import random
+
+    from reasonmaxxer.config import RolloutConfig
+    from reasonmaxxer.data.problem import Problem
+    from reasonmaxxer.stages.rollouts import rollout_batches
+
+    rng = random.Random(budget)
+    lengths = sorted(rng.randint(5, 60) for _ in range(37))
+    order = [Problem(id=f"p{i}", prompt="q", answer="1", kind="add") for i in range(len(lengths))]
+    cfg = RolloutConfig(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=32, batch_tokens=budget)
+    batches = rollout_batches(order, lengths, cfg)
+    assert [p for b in batches for p in b] == order
+    index = {p.id: i for i, p in enumerate(order)}
+
+    def cost(batch):
+        return len(batch) * num_samples * (max(lengths[index[p.id]] for p in batch) + max_new_tokens)
+
+    if budget == 0:
+        assert [len(b) for b in batches[:-1]] == [max(1, 32 // num_samples)] * (len(batches) - 1)
+        return
+    for b, nxt in zip(batches, batches[1:] + [None]):
+        assert len(b) == 1 or cost(b) <= budget
+        if nxt is not None:
+            assert cost(b + nxt[:1]) > budget  # greedy: the next prompt would not have fit

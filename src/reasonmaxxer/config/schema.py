@@ -158,7 +158,12 @@ class RolloutConfig:
     temperature: float = _help("Sampling temperature (paper: 0.6).", default=0.6)
     top_p: float = _help("Nucleus sampling (paper: 0.95).", default=0.95)
     max_new_tokens: int = _help("Longest completion, in tokens.", default=128)
-    batch_size: int = _help("Sequences per generate call.", default=32)
+    batch_size: int = _help("Sequences per generate call (whole prompts: batch_size // num_samples of them, at "
+                            "least one).", default=32)
+    batch_tokens: int = _help(
+        "Instead of batch_size (fast and hf backends): a generate call holds as many prompts, all their samples, "
+        "as fit this many tokens of KV cache, prompts x num_samples x (longest prompt + max_new_tokens), at "
+        "least one prompt; 0: use batch_size. Sizes a GPU's batch by memory whatever num_samples is.", default=0)
     backend: Literal["fast", "hf", "vllm"] = _help(
         "fast: KV-cache loop that drops finished sequences; hf: one model.generate call per batch; "
         "vllm: a vLLM engine (the `vllm` extra, CUDA; eval.py samples base and adapter with it too, the adapter "
@@ -183,6 +188,7 @@ class RolloutConfig:
         _need(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
         _need(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _need(self.batch_size >= 1, "rollout.batch_size", self.batch_size, "must be >= 1")
+        _need(self.batch_tokens >= 0, "rollout.batch_tokens", self.batch_tokens, "must be >= 0")
         u = self.vllm_gpu_memory_utilization
         _need(0 < u <= 1, "rollout.vllm_gpu_memory_utilization", u, "must be in (0, 1]")
         _need(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size",
@@ -451,19 +457,21 @@ def describe_batch(training: dict[str, Any], world_size: int) -> str:
             f"{'es' if world_size > 1 else ''} x {micro} per device x {accumulation} accumulation")
 
 
-def grpo_arguments(cfg: "Config") -> dict[str, Any]:
+def grpo_arguments(cfg: "Config", world_size: int | None = None) -> dict[str, Any]:
     """The keyword arguments of ``trl.GRPOConfig`` for method grpo/online (output_dir etc. aside).
 
     In order, later ones winning: the ``training`` section (learning rate, steps, batch
     size, saving, precision: the same run settings the offline trainer uses), then the
     sampling settings of ``rollout`` (num_generations = num_samples, temperature, top_p,
     max_completion_length = max_new_tokens), then the ``grpo`` section as written. With
-    method online, ``beta`` is 0: the KL anchor is the loss's own (``loss.kl_coef``).
+    method online, ``beta`` is 0: the KL anchor is the loss's own (``loss.kl_coef``). The
+    batch is split over ``world_size`` processes (default: this run's), see
+    :func:`split_global_batch`.
     """
-    from ..utils.distributed import world_size
+    from ..utils import distributed
 
-    args = {k: v for k, v in split_global_batch(cfg.training, world_size()).items()
-            if k not in _SFT_ONLY_TRAINING_KEYS}
+    world = distributed.world_size() if world_size is None else world_size
+    args = {k: v for k, v in split_global_batch(cfg.training, world).items() if k not in _SFT_ONLY_TRAINING_KEYS}
     args.update(num_generations=cfg.rollout.num_samples, temperature=cfg.rollout.temperature,
                 top_p=cfg.rollout.top_p, max_completion_length=cfg.rollout.max_new_tokens)
     args.update(cfg.grpo)

@@ -95,7 +95,7 @@ class Pipeline:
         fp["problems"] = fingerprint({"data": c["data"], "seed": c["seed"]})
         rollout = {k: v for k, v in c["rollout"].items() if k != "vllm_gpu_memory_utilization"}  # same samples
         # Sizes added later count only when set, so runs made before them keep their fingerprint.
-        for key, default in (("vllm_tensor_parallel_size", 1), ("vllm_max_model_len", 0)):
+        for key, default in (("vllm_tensor_parallel_size", 1), ("vllm_max_model_len", 0), ("batch_tokens", 0)):
             if rollout.get(key) == default:
                 rollout.pop(key)
         fp["rollouts"] = fingerprint({"up": fp["problems"], "model": c["model"]["name_or_path"],
@@ -111,7 +111,8 @@ class Pipeline:
         from ..config import grpo_arguments
 
         # The trainer samples, rewards and (online) gates itself: all of that is in its fingerprint.
-        sampling = {"up": fp["problems"], "method": self.cfg.method, "grpo": grpo_arguments(self.cfg),
+        # The global batch, not this launch's split of it: a resume on another number of processes is the same run.
+        sampling = {"up": fp["problems"], "method": self.cfg.method, "grpo": grpo_arguments(self.cfg, world_size=1),
                     "model": c["model"]["name_or_path"], "data": c["data"], "reward": c["reward"],
                     "lora": c["lora"], "seed": c["seed"]}
         if self.cfg.method == "online":

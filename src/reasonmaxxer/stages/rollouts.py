@@ -57,6 +57,29 @@ class RolloutReward:
         return [(r, None) for r in rewards]
 
 
+def rollout_batches(order: list[Problem], prompt_lengths: list[int], cfg: RolloutConfig) -> list[list[Problem]]:
+    """The problems of each generate call, in ``order`` (prompts shortest first).
+
+    With ``cfg.batch_tokens`` a call takes prompts while prompts x num_samples x (its
+    longest prompt + max_new_tokens) fits the budget (at least one prompt); otherwise
+    ``batch_size // num_samples`` prompts (at least one).
+    """
+    if not cfg.batch_tokens:
+        per_call = max(1, cfg.batch_size // cfg.num_samples)
+        return [order[i : i + per_call] for i in range(0, len(order), per_call)]
+    batches: list[list[Problem]] = []
+    current: list[Problem] = []
+    longest = 0
+    for problem, length in zip(order, prompt_lengths):
+        widest = max(longest, length)
+        if current and (len(current) + 1) * cfg.num_samples * (widest + cfg.max_new_tokens) > cfg.batch_tokens:
+            batches.append(current)
+            current, widest = [], length
+        current.append(problem)
+        longest = widest
+    return [*batches, current] if current else batches
+
+
 def run_rollouts(
     model: Any,
     tokenizer: Any,
@@ -92,8 +115,7 @@ def run_rollouts(
         check_context(model.config, longest_prompt=max(len(ids) for ids in prompts.values()),
                       max_new_tokens=cfg.max_new_tokens, model_name=getattr(model, "name_or_path", "the model"))
     order = sorted(problems, key=lambda p: (len(prompts[p.id]), p.id))
-    per_call = max(1, cfg.batch_size // cfg.num_samples)
-    batches = [order[i : i + per_call] for i in range(0, len(order), per_call)]
+    batches = rollout_batches(order, [len(prompts[p.id]) for p in order], cfg)
 
     existing = read_jsonl_cut_torn_tail(out_path)
     counts = Counter(r["problem_id"] for r in existing)
