@@ -17,7 +17,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where the user opted in, and declared as an extra, not a dependency.
-OPTIONAL = {"vllm": "vllm"}
+OPTIONAL = {"vllm": "vllm", "deepspeed": "deepspeed"}  # imported only when the run uses them
 # Import name -> distribution, for packages that may not be installed where this runs.
 KNOWN = {"yaml": "pyyaml", "math_verify": "math-verify"}
 

@@ -115,7 +115,7 @@ def test_vllm_sizes_out_of_range_name_the_key(overrides, message):
     assert str(err.value) == message
 
 
-def test_vllm_sizes_enter_the_rollouts_fingerprint_only_when_set(tmp_path):
+def test_added_rollout_sizes_enter_the_rollouts_fingerprint_only_when_set(tmp_path):
     """Runs made before these keys existed keep their rollouts: at their defaults the fingerprint is
     the one computed from the rollout settings without them; set, they change it (samples may differ)."""
     from reasonmaxxer.config.loading import load_config
@@ -127,13 +127,15 @@ def test_vllm_sizes_enter_the_rollouts_fingerprint_only_when_set(tmp_path):
 
     cfg = load_config(None, ["--output_dir", str(tmp_path / "run")]).to_dict()
     before_keys = {k: v for k, v in cfg["rollout"].items()
-                   if k not in ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_max_model_len")}
+                   if k not in ("vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_max_model_len",
+                                "batch_tokens")}
     problems = fingerprint({"data": cfg["data"], "seed": cfg["seed"]})
     by_hand = fingerprint({"up": problems, "model": cfg["model"]["name_or_path"], "rollout": before_keys,
                            "seed": cfg["seed"], "reward": cfg["reward"]})
     assert rollouts_fp() == by_hand
-    changed = {rollouts_fp("--rollout.vllm_tensor_parallel_size", "2"), rollouts_fp("--rollout.vllm_max_model_len", "512")}
-    assert by_hand not in changed and len(changed) == 2
+    changed = {rollouts_fp("--rollout.vllm_tensor_parallel_size", "2"), rollouts_fp("--rollout.vllm_max_model_len", "512"),
+               rollouts_fp("--rollout.batch_tokens", "4096")}
+    assert by_hand not in changed and len(changed) == 3
 
 
 def test_eval_samples_base_and_adapter_through_one_vllm_engine(trained_run, tiny_model_dir, tmp_path, monkeypatch):

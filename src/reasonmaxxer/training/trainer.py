@@ -8,6 +8,7 @@ scoring (``loss.kl_anchor: cached``) or the same weights with the LoRA adapter d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -302,8 +303,14 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
         rollouts = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(rows["prompt_ids"], rows["completion_ids"])]
         was_training = model.training
         model.eval()
+        whole: Any = contextlib.nullcontext()
+        if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+            import deepspeed
+
+            # ZeRO-3 loaded the weights partitioned over the processes: the base pass needs them whole.
+            whole = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
         try:
-            with model.disable_adapter():
+            with whole, model.disable_adapter():
                 summary = score_rollouts(model, rollouts, folder, pad_id=self.processing_class.pad_token_id,
                                          batch_size=args.scoring_batch_size, top_k=top_k,
                                          chunk_size=args.scoring_chunk_size,
@@ -357,8 +364,9 @@ class FiniteAdapterCheck(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        # A sharded weight (a DTensor) is checked on this process's shard.
-        local = [p.to_local() if hasattr(p, "to_local") else p for _, p in params]
+        # A sharded weight is checked on this process's shard: a DTensor's local part (FSDP2), ZeRO-3's
+        # partition (its parameter itself is an empty placeholder between forward passes).
+        local = [p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p) for _, p in params]
         finite = torch.stack([torch.isfinite(p).all() for p in local]).to(torch.uint8)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -466,9 +474,10 @@ def build_trainer(
 def launch_mismatch(accelerator: Any) -> str | None:
     """The strategy the launch asked for (accelerate's environment) when the trainer does not run it.
 
-    accelerate 1.16 turns ``ACCELERATE_USE_FSDP``/``ACCELERATE_USE_DEEPSPEED`` into FSDP or
-    DeepSpeed only on GPUs and other accelerators; on CPU processes it runs DDP and says
-    nothing, so the weights are replicated on every process rather than sharded.
+    accelerate 1.16 turns ``ACCELERATE_USE_FSDP`` into FSDP only on GPUs and other
+    accelerators: on CPU processes it runs DDP and says nothing, so the weights are
+    replicated on every process rather than sharded. (``ACCELERATE_USE_DEEPSPEED`` does
+    give DeepSpeed on CPU processes, over gloo.)
     """
     asked = [name for name, key in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
              if os.environ.get(key, "false").lower() == "true"]
@@ -485,16 +494,18 @@ def describe_parallelism(trainer: Any) -> dict[str, Any]:
 
     ``strategy`` is accelerate's (``NO``, ``MULTI_CPU``/``MULTI_GPU`` for DDP, ``FSDP``,
     ``DEEPSPEED``), ``wrapper`` the class the model trained as (``DistributedDataParallel``,
-    ``FSDP...`` for FSDP2), ``sharded`` how many trainable tensors each process holds only
-    a shard of (DTensors): a launch that fell back to one process or to no sharding shows here.
+    ``FSDP...`` for FSDP2, ``DeepSpeedEngine``), ``sharded`` how many trainable tensors each
+    process holds only a shard of (DTensors under FSDP2, ZeRO-3's partitioned parameters):
+    a launch that fell back to one process or to no sharding shows here.
     """
     accelerator = trainer.accelerator
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    sharded = sum(1 for p in trainable if hasattr(p, "to_local") or hasattr(p, "ds_tensor"))
     return {
         "strategy": accelerator.distributed_type.value,
         "processes": accelerator.num_processes,
         "wrapper": type(trainer.model_wrapped).__name__,
-        "sharded": f"{sum(1 for p in trainable if hasattr(p, 'to_local'))}/{len(trainable)}",
+        "sharded": f"{sharded}/{len(trainable)}",
     }
 
 
