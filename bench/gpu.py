@@ -14,7 +14,8 @@ is recorded, not raised):
             their gradient), policy_logprobs_and_kl (KL and its gradient), token_entropy and
             token_stats (scoring's entropy, log p, top-k).
   step      a plain LoRA step against the gated steps with the cached and the exact anchor
-            (bench/step.py's step_kinds), Qwen2.5-0.5B and -1.5B shapes, T = 4096 and 8192
+            (bench/step.py's step_kinds), Qwen2.5-0.5B and -1.5B shapes and Qwen2.5-7B's with 8
+            of its 28 layers (vocabulary and head whole), T = 4096 and 8192
             tokens (one sequence): median seconds, peak CUDA memory (max_memory_allocated)
             per kind, and the ratios; gpu_cached_ratio / gpu_exact_ratio are those of the
             largest configuration that ran (named by gpu_ratio_config).
@@ -26,7 +27,8 @@ is recorded, not raised):
             --model.device cuda, then eval: pass/fail per stage.
 
 The models are the real architectures and vocabulary (Qwen2Config with Qwen2.5-0.5B's and
--1.5B's sizes, vocab 151,936, tied embeddings as the real ones), randomly initialised in
+-1.5B's sizes, and 7B's layers, heads and head with 8 of its 28 layers; vocab 151,936, tied
+embeddings: the real 7B's are untied, which changes no step's time), randomly initialised in
 bf16: no hub access is needed. A random model almost never samples EOS, so rollouts run to
 max_new_tokens (the fast backend's row dropping is not exercised; its per-step cost is).
 Figures go to stdout as they are measured and to a JSON file (--json; default

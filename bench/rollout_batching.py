@@ -8,7 +8,7 @@ With 20 samples per prompt (the paper's) and ``batch_size: 32`` a call holds one
 20 sequences. A token budget packs whole prompts while prompts x samples x (longest
 prompt + max new tokens) fits, so the call holds as many sequences as the memory allows.
 Both arms sample the same problems with the fast backend, one after the other in this
-process (the first arm also warms up), through ``run_rollouts``; printed per arm: the
+process (the first arm also warms up: ``--order budget,count`` swaps them), through ``run_rollouts``; printed per arm: the
 calls, sequences per call (mean and max), generated tokens/s. The last line is
 ``throughput_ratio=<budget / count>``.
 """
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32, help="the count arm's rollout.batch_size")
     ap.add_argument("--budget", type=int, default=16000, help="the budget arm's rollout.batch_tokens")
+    ap.add_argument("--order", default="count,budget", help="which arm runs first (it also warms up)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     path = str(build_tiny_model_dir(tempfile.mkdtemp())) if args.model == "tiny" else resolve_model_path(args.model)
@@ -49,7 +50,8 @@ def main() -> None:
     problems = builtin_arithmetic(args.problems, seed=7, kinds=data.kinds)
     base = RolloutConfig(num_samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=0.6, top_p=0.95,
                          batch_size=args.batch_size)
-    arms = {"count": base, "budget": dataclasses.replace(base, batch_tokens=args.budget)}
+    configs = {"count": base, "budget": dataclasses.replace(base, batch_tokens=args.budget)}
+    arms = {name: configs[name] for name in args.order.split(",")}
     prompt_format = resolve_prompt_format(tokenizer, data, log=False)
     lengths = {p.id: len(prompt_ids(tokenizer, p, data, prompt_format)) for p in problems}
     order = sorted(problems, key=lambda p: (lengths[p.id], p.id))

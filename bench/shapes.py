@@ -17,6 +17,10 @@ QWEN = {
                          intermediate_size=4864),
     "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          intermediate_size=8960),
+    # Qwen2.5-7B's layer, attention and head shapes with 8 of its 28 decoder layers (the vocabulary and the
+    # LM head, what the fused head is about, whole): a step's time and memory per layer scale from it.
+    "qwen2.5-7b-8of28": dict(hidden_size=3584, num_hidden_layers=8, num_attention_heads=28, num_key_value_heads=4,
+                             intermediate_size=18944),
 }
 
 
