@@ -375,3 +375,20 @@ def test_policy_statistics_under_fsdp2_equal_the_unsharded_ones(tiny_model_dir):
     out = _torchrun(WORKERS / "fsdp2_head.py", str(tiny_model_dir))
     for rank in (0, 1):
         assert f"rank {rank}: fused head not used, logp diff 0.00e+00, kl diff 0.00e+00" in out, out
+
+
+def test_vllm_rollouts_on_several_processes_are_refused_with_the_way_to_run_them(tiny_model_dir, tmp_path):
+    """rollout.backend vllm on N ranks: one engine in one process samples (tensor parallel over its GPUs);
+    under torchrun the rollouts stage stops in one line that says how to run it, before it samples."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src")}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *tiny_run_args(tiny_model_dir, run, "--rollout.backend", "vllm", "--stage", "rollouts")]
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_run_args(tiny_model_dir, run, "--stage", "problems")],
+                   env=env, check=True, capture_output=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("error: rollout.backend: vllm uses the GPUs of one process; run `--stage rollouts` with `python "
+            "train.py`, then the other stages with torchrun") in proc.stderr
+    assert not (run / "rollouts.jsonl").exists()

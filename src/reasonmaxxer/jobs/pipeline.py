@@ -155,17 +155,22 @@ class Pipeline:
             from ..stages.rollouts import RolloutReward
 
             self._reward = RolloutReward.from_config(self.cfg)  # a bad reward.function stops before any work
+        fps = self.fingerprints()
         if only in (None, "rollouts") and self.cfg.rollout.backend == "vllm" and self.cfg.method == "offline":
-            from ..stages.vllm_backend import require_vllm
+            done = self.state("rollouts") or {}
+            if not (done.get("done") and done.get("fingerprint") == fps["rollouts"]):  # they will be sampled
+                if dist.world_size() > 1:
+                    raise ConfigError("rollout.backend: vllm uses the GPUs of one process; run `--stage rollouts` "
+                                      "with `python train.py`, then the other stages with torchrun")
+                from ..stages.vllm_backend import require_vllm
 
-            require_vllm()
+                require_vllm()
         if only in (None, "training") and self.cfg.eval.every_steps:
             from ..training.heldout_eval import sharded_weights
 
             if (sharded := sharded_weights(self.cfg.training)) is not None:
                 raise ConfigError(f"eval.every_steps: evaluation during training samples with the whole model in each "
                                   f"process, which {sharded} shards; set eval.every_steps: 0 and run eval.py after")
-        fps = self.fingerprints()
         self._refuse_other_config(fps, [s for s in stages if only is None or s == only])
         dist.init()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -268,10 +273,7 @@ class Pipeline:
         if self._reward is None:
             self._reward = RolloutReward.from_config(self.cfg)
 
-        if self.cfg.rollout.backend == "vllm":
-            if dist.world_size() > 1:
-                raise ConfigError("rollout.backend: vllm uses the GPUs of one process; run `--stage rollouts` "
-                                  "with `python train.py`, then the other stages with torchrun")
+        if self.cfg.rollout.backend == "vllm":  # one process (checked before any work)
             from ..models.loading import load_tokenizer, resolve_model_path
             from ..stages.vllm_backend import VllmSampler
 
