@@ -371,10 +371,11 @@ def test_launch_config_runs_every_stage_on_two_processes_as_one_process_does(tin
 def test_policy_statistics_under_fsdp2_equal_the_unsharded_ones(tiny_model_dir):
     """FSDP2 (torch's fully_shard, per decoder layer and root) on 2 processes: the LM head is a sharded
     DTensor, so the fused head steps aside and the statistics run through the module, equal to the
-    unsharded model's, and backward runs."""
+    unsharded model's, and backward runs. A NaN in one process's shard of the adapter stops both."""
     out = _torchrun(WORKERS / "fsdp2_head.py", str(tiny_model_dir))
     for rank in (0, 1):
         assert f"rank {rank}: fused head not used, logp diff 0.00e+00, kl diff 0.00e+00" in out, out
+        assert f"rank {rank}: NaN in a shard stops this process" in out, out  # FiniteAdapterCheck on DTensors
 
 
 def test_vllm_rollouts_on_several_processes_are_refused_with_the_way_to_run_them(tiny_model_dir, tmp_path):

@@ -46,4 +46,21 @@ mask = batch["completion_mask"].bool()
 print(f"rank {rank}: fused head {'used' if head is not None else 'not used'}, "
       f"logp diff {float((got.logp - want.logp)[mask].abs().max()):.2e}, "
       f"kl diff {float((got.kl - want.kl)[mask].abs().max()):.2e}", flush=True)
+
+# The adapter's NaN check on sharded weights: a NaN in process 1's shard stops both processes.
+from transformers import TrainerState  # noqa: E402
+
+from reasonmaxxer.errors import TrainingDivergedError  # noqa: E402
+from reasonmaxxer.training.trainer import FiniteAdapterCheck  # noqa: E402
+
+check, state = FiniteAdapterCheck(), TrainerState()
+check.on_step_end(None, state, None, model=sharded)  # finite: passes
+if rank == 1:
+    with torch.no_grad():
+        next(p for n, p in sharded.named_parameters() if "lora_B" in n).to_local().fill_(float("nan"))
+try:
+    check.on_step_end(None, state, None, model=sharded)
+    print(f"rank {rank}: NaN not seen", flush=True)
+except TrainingDivergedError:
+    print(f"rank {rank}: NaN in a shard stops this process", flush=True)
 dist.destroy_process_group()
