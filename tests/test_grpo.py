@@ -106,7 +106,7 @@ GRPO_MISTAKES = [
     ("grpo wrong type", ["--method", "grpo", "--grpo.num_iterations", "x"],
      "grpo.num_iterations: expected an integer, got 'x'"),
     ("grpo batch not whole groups", ["--method", "grpo", "--rollout.num_samples", "3"],
-     "grpo.num_generations: each generation batch (4 completions per process"),
+     "grpo.num_generations: each generation batch (4 completions over all processes"),
     ("grpo section with method offline", ["--grpo.beta", "0.1"],
      "grpo.beta: the grpo section applies to method grpo or online"),
     ("GRPO loss key with method online", ["--method", "online", "--grpo.beta", "0.1"],

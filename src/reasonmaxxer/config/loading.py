@@ -219,14 +219,16 @@ def _validate_grpo_config(cfg: Config) -> None:
                               "the loss and gate sections'); remove it, or use method grpo")
     from trl import GRPOConfig
 
-    args = grpo_arguments(cfg)
+    # The global batch as the config writes it (one process's view): each process then takes its share, and
+    # TRL asks the whole generation batch, over all processes, to hold whole groups.
+    args = grpo_arguments(cfg, world_size=1)
     per_device = int(args.get("per_device_train_batch_size", 8))
     steps = args.get("steps_per_generation") or args.get("gradient_accumulation_steps", 1)
     generation_batch = args.get("generation_batch_size") or per_device * steps
     groups = int(args["num_generations"])
     if generation_batch % groups:
         raise ConfigError(
-            f"grpo.num_generations: each generation batch ({generation_batch} completions per process: "
+            f"grpo.num_generations: each generation batch ({generation_batch} completions over all processes: "
             f"per_device_train_batch_size {per_device} x steps_per_generation {steps}, or "
             f"grpo.generation_batch_size) must hold whole groups of num_generations ({groups}, default "
             "rollout.num_samples); make the batch a multiple of it"
