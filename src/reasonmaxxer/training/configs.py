@@ -19,8 +19,8 @@ from ..core.options import FlooredForks, GateMode, LossVariant, ReferenceMode
 from ..errors import ConfigError
 
 
-def _like(section: type, name: str, prefix: str = "") -> Any:
-    """A field with the default and the help text of ``section.name`` (the CLI's ``prefix.name``)."""
+def _like(section: type, name: str) -> Any:
+    """A field with the default and the help text of the CLI's ``section.name``."""
     source = next(f for f in dataclasses.fields(section) if f.name == name)
     return dataclasses.field(default=source.default, metadata={"help": source.metadata["help"]})
 
