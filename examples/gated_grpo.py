@@ -40,6 +40,7 @@ trainer = rm.ForkGatedGRPOTrainer(  # was: trl.GRPOTrainer
     peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
 trainer.train()
 trainer.save_model(cli.output_dir)
+trainer.accelerator.end_training()  # leaves the process group under torchrun / accelerate launch
 last = trainer.state.log_history[-2]
 print(f"adapter in {cli.output_dir}: {trainer.state.global_step} steps, last reward {last.get('reward')}, "
       f"fork fraction {last.get('fork_fraction')}")

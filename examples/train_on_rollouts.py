@@ -47,4 +47,5 @@ lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="C
 trainer = rm.ForkGatedTrainer(model, args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
 trainer.train()
 trainer.save_model(cli.output_dir)
+trainer.accelerator.end_training()  # leaves the process group under torchrun / accelerate launch
 print(f"adapter in {cli.output_dir}: {len(trainer.train_dataset)} rollouts, {trainer.state.global_step} steps")

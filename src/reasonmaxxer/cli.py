@@ -192,7 +192,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    if dist.is_main():
+    is_main = dist.is_main()
+    dist.close()
+    if is_main:
         print(f"\nReasonMaxxer run in {cfg.output_dir} ({time.perf_counter() - start:.1f} s, "
               f"{dist.world_size()} process{'es' if dist.world_size() > 1 else ''})")
         print(summary_table(results))

@@ -39,3 +39,4 @@ except TrainingDivergedError as err:
     print(f"rank {dist.rank()} stopped at step {trainer.state.global_step}: {str(err)[:60]}", flush=True)
     sys.exit(4)
 print(f"rank {dist.rank()} finished {trainer.state.global_step} steps", flush=True)
+dist.close()

@@ -61,3 +61,4 @@ if __name__ == "__main__":
                 "num_generations": trainer.num_generations, "gate_calls": gate_calls, "generations": generations,
                 "compute": trainer.compute_totals().to_dict()},
                out / f"rank{rank}.pt")
+    trainer.accelerator.end_training()

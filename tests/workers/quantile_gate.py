@@ -36,3 +36,4 @@ if __name__ == "__main__":
     threshold = quantile_threshold(entropy[rows], mask[rows], quantile, gather=gather)
     torch.save({"rows": rows, "forks": forks, "threshold": threshold, "world": accelerator.num_processes},
                Path(sys.argv[1]) / f"rank{accelerator.process_index}.pt")
+    accelerator.end_training()

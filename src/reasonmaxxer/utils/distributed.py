@@ -62,6 +62,20 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         _state(timeout_s)
 
 
+def close() -> None:
+    """Leave the process group at the end of a finished run.
+
+    Only on success: a process that stops on an error must not wait in a collective for
+    the others. Without it, gloo's worker threads can outlive the interpreter and abort
+    the process at exit (``terminate called without an active exception``) after the
+    work is done.
+    """
+    import torch.distributed as torch_dist
+
+    if world_size() > 1 and torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def rank() -> int:
     return _state().process_index if world_size() > 1 else 0
 
