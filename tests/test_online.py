@@ -112,6 +112,36 @@ def test_without_kl_the_gradient_comes_from_the_forks_only(tiny_model_dir, tmp_p
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_gradient_accumulation_averages_micro_batches(tiny_model_dir, tmp_path, monkeypatch):
+    """Two identical micro-batches accumulated give one micro-batch's gradient: the Trainer
+    divides the per-micro-batch mean by the accumulation steps (TRL's own GRPO loss is
+    scaled already; ours is not, on every supported transformers and TRL)."""
+    trainer, _ = _online_trainer(tiny_model_dir, tmp_path)
+    model = trainer.model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (3, 5, 4, 4)]
+    completions = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (6, 2, 5, 3)]
+    batch = _batch(trainer.processing_class, prompts, completions, [1.0, -0.5, 0.8, -1.3])
+    monkeypatch.setattr(trainer, "_prepare_inputs", lambda inputs: inputs)  # the batch as given, no sampling
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads_after(steps: int) -> list[torch.Tensor]:
+        model.zero_grad()
+        trainer.current_gradient_accumulation_steps = steps
+        for _ in range(steps):
+            trainer.training_step(model, dict(batch), num_items_in_batch=batch["completion_mask"].sum() * steps)
+        return [p.grad.clone() for p in lora]
+
+    one, two = grads_after(1), grads_after(2)
+    assert any(a.abs().sum() > 0 for a in one)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_group_advantages_are_per_prompt_group():
     rewards = torch.tensor([[1.0], [0.0], [0.0], [0.0], [1.0], [1.0], [1.0], [1.0]])
     fake = SimpleNamespace(num_generations=4, advantage_clip=2.5)

