@@ -11,9 +11,8 @@ import ast
 import importlib.metadata
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where the user opted in, and declared as an extra, not a dependency.
