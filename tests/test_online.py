@@ -21,7 +21,7 @@ def odd_token_reward(prompts, completions, completion_ids, **kwargs):
     return [float(c[0] % 2) if c else 0.0 for c in completion_ids]
 
 
-def _online_trainer(model_dir: Path, tmp_path: Path, *overrides: str):
+def _online_trainer(model_dir: Path, tmp_path: Path, *overrides: str, dtype: str = "float32"):
     cfg = load_config(None, [
         "--method", "online", "--model.name_or_path", str(model_dir), "--output_dir", str(tmp_path),
         "--rollout.num_samples", "4", "--rollout.max_new_tokens", "8", "--rollout.temperature", "1.0",
@@ -30,7 +30,7 @@ def _online_trainer(model_dir: Path, tmp_path: Path, *overrides: str):
         "--grpo.gradient_checkpointing", "false", *overrides,
     ])
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_model(str(model_dir), dtype="float32", device="cpu")
+    model = load_model(str(model_dir), dtype=dtype, device="cpu")
     problems = builtin_arithmetic(4, seed=0, kinds=("add",))
     reward = RolloutReward(function=odd_token_reward, spec="odd_token_reward")
     return build_grpo_trainer(cfg, model, tokenizer, problems, tmp_path, progress=False, reward=reward), cfg
@@ -140,6 +140,16 @@ def test_gradient_accumulation_averages_micro_batches(tiny_model_dir, tmp_path, 
     assert any(a.abs().sum() > 0 for a in one)
     for a, b in zip(one, two):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_bf16_model_trains(tiny_model_dir, tmp_path):
+    """The demo's default on a bf16 CPU, through trainer.train() (accelerate's bf16 wrapping): it once
+    failed in the base pass with "expected m1 and m2 to have the same dtype, but got: float != BFloat16"."""
+    trainer, _ = _online_trainer(tiny_model_dir, tmp_path, "--model.dtype", "bfloat16", "--training.bf16", "true",
+                                 dtype="bfloat16")
+    assert trainer.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    result = trainer.train()
+    assert trainer.state.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
 
 
 def test_group_advantages_are_per_prompt_group():

@@ -27,9 +27,9 @@ from .schema import SECTIONS, Config, TrainingMethod, grpo_arguments, training_d
 
 # Set by the pipeline, never by the user.
 _RESERVED_TRAINING_KEYS = {"output_dir", "report_to", "run_name", "seed", "remove_unused_columns", "dataset_kwargs"}
-# Set by ReasonMaxxer for the GRPO trainers: the run's folder, tracking and seed, the dataset's
-# columns (the reward reads answer/kind/problem_id), and the sampler (TRL's generation path).
-_RESERVED_GRPO_KEYS = _RESERVED_TRAINING_KEYS | {"use_vllm"}
+# Set by ReasonMaxxer for the GRPO trainers: the run's folder, tracking and seed, and the dataset's
+# columns (the reward reads answer/kind/problem_id). TRL's vLLM keys (use_vllm, vllm_mode, ...) pass through.
+_RESERVED_GRPO_KEYS = _RESERVED_TRAINING_KEYS
 # GRPO-loss settings that method online does not use (its loss is the loss/gate sections').
 _GRPO_LOSS_KEYS = ("beta", "loss_type", "epsilon", "epsilon_high", "delta", "top_entropy_quantile", "scale_rewards",
                    "importance_sampling_level", "entropy_coef", "use_adaptive_entropy", "off_policy_mask_threshold",
@@ -193,9 +193,7 @@ def _validate_grpo_keys(values: Any) -> dict[str, Any]:
     out = dict(values)
     for key, value in values.items():
         if key in _RESERVED_GRPO_KEYS:
-            hint = ("vLLM is not used here: GRPO samples with transformers" if key == "use_vllm"
-                    else "use output_dir/seed/tracking instead")
-            raise ConfigError(f"grpo.{key}: set by ReasonMaxxer; {hint}")
+            raise ConfigError(f"grpo.{key}: set by ReasonMaxxer; use output_dir/seed/tracking instead")
         if key in _TRAINER_EVAL_KEYS and not _is_off(key, value):
             raise ConfigError(f"grpo.{key}: {value!r} asks for the Trainer's evaluation, which has no eval dataset "
                               "here; use eval.every_steps: N instead")

@@ -40,8 +40,13 @@ def completion_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
 
 
 def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on a chunk of hidden states, with the model's final-logit softcap if any."""
-    logits = model.get_output_embeddings()(hidden)
+    """The LM head on a chunk of hidden states, with the model's final-logit softcap if any.
+
+    The states take the head's dtype: TRL's GRPOTrainer keeps a bf16 model's final norm in
+    fp32, whose output would otherwise meet a bf16 head (what autocast would do on a GPU).
+    """
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.dtype))
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

