@@ -385,25 +385,26 @@ def test_killed_vllm_rollouts_resume_to_the_uninterrupted_rows(problems_run, vll
     assert rows == reference, "a killed and resumed vLLM run must write the uninterrupted run's rollouts"
 
 
-def test_online_method_samples_with_trls_colocated_vllm_and_syncs_every_step(tmp_path):
-    """``method: online`` with ``grpo.use_vllm`` (TRL's colocated engine): a few steps train, the reward is
-    logged, the adapter saves and loads with plain PEFT, and the weights are pushed into the engine before
-    every step's generation (counted by tests/workers/online_vllm.py around the sync)."""
+@pytest.mark.parametrize("method", ["online", "grpo"])
+def test_grpo_methods_sample_with_trls_colocated_vllm_and_sync_every_step(tmp_path, method):
+    """``method: online`` or ``grpo`` with ``grpo.use_vllm`` (TRL's colocated engine): a few steps train, the
+    reward is logged, the adapter saves and loads with plain PEFT, and the weights are pushed into the engine
+    before every step's generation (counted by tests/workers/online_vllm.py around the sync)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from reasonmaxxer.models.loading import resolve_model_path
 
     steps = 3
-    run = tmp_path / "online"
-    args = ["--config", str(CONFIG), "--method", "online", "--output_dir", str(run), "--no-progress",
+    run = tmp_path / method
+    args = ["--config", str(CONFIG), "--method", method, "--output_dir", str(run), "--no-progress",
             "--data.num_train", "8", "--data.num_heldout", "0", "--rollout.num_samples", "4",
             "--rollout.max_new_tokens", "24", "--training.max_steps", str(steps),
             "--training.per_device_train_batch_size", "8", "--grpo.use_vllm", "true",
             "--grpo.vllm_max_model_length", "512"]
-    with Job([str(ROOT / "tests" / "workers" / "online_vllm.py"), *args], tmp_path / "online.log") as job:
+    with Job([str(ROOT / "tests" / "workers" / "online_vllm.py"), *args], tmp_path / f"{method}.log") as job:
         code = job.wait()
-        assert code == 0, f"online with use_vllm exited {code}:\n{job.tail()}"
+        assert code == 0, f"{method} with use_vllm exited {code}:\n{job.tail()}"
         log = job.log.read_text(errors="replace")
     syncs = [line for line in log.splitlines() if line.startswith("[sync]")]
     print(f"{len(syncs)} weight syncs over {steps} steps: {syncs}")
