@@ -5,7 +5,7 @@ spends (forward and trained tokens, wall seconds; see :mod:`reasonmaxxer.utils.f
 and writes ``compute.json``. :class:`ForkGatedGRPOTrainer` samples the same way and trains
 with this project's gate and loss instead of GRPO's.
 
-Pinned to trl==1.16.* (GRPOTrainer). What is relied on, and nothing else:
+Tested on TRL 1.5 to 1.16 (GRPOTrainer; differences in training/compat.py). What is relied on, and nothing else:
 
 - overridden: ``_generate`` (returns ``prompt_ids, completion_ids, ...`` lists; counted),
   ``_generate_and_score_completions`` (its output dict: ``prompt_ids``/``prompt_mask``

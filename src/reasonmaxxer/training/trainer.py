@@ -1,6 +1,6 @@
 """ForkGatedTrainer: TRL's SFTTrainer with its loss replaced by the fork-gated objective.
 
-Pinned to trl==1.16.* (``SFTTrainer.compute_loss``/``log``/``_metrics`` are what we
+Tested on TRL 1.5 to 1.16 (``SFTTrainer.compute_loss``/``log``/``_metrics`` are what we
 override or reuse). The reference model is the base itself: the cached top-k from
 scoring (``loss.kl_anchor: cached``) or the same weights with the LoRA adapter disabled
 (``exact``) — never a second copy of the model.
