@@ -370,6 +370,116 @@ def test_launch_config_runs_every_stage_on_two_processes_as_one_process_does(tin
     assert json.loads((two / "movement.json").read_text())["positions"]["fork"] > 0
 
 
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _fsdp_launch(state_dict_type: str) -> dict[str, str]:
+    """fsdp.yaml's environment (its state dict type: sharded), with ``state_dict_type``."""
+    shipped = _launch_env(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+    assert shipped["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    return {**shipped, "FSDP_STATE_DICT_TYPE": state_dict_type}
+
+
+def _check_fsdp_run(run: Path, model_dir: Path, state_dict_type: str) -> dict[str, torch.Tensor]:
+    """A 3-step run under FSDP2 on 2 processes with checkpoints at steps 2 and 3: every checkpoint holds
+    accelerate's resume state (one file per process when sharded, nothing gathered) and the whole adapter
+    in PEFT format; the final adapter is the last checkpoint's and loads with plain PEFT. Returns it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((run / "stages" / "training.json").read_text())["summary"]
+    assert summary["parallel"] == {"strategy": "FSDP", "processes": 2, "wrapper": "FSDPPeftModelForCausalLM",
+                                   "sharded": "28/28"}
+    final = _adapter(run / "adapter")
+    for step in (2, 3):
+        checkpoint = run / "checkpoints" / f"checkpoint-{step}"
+        if state_dict_type == "SHARDED_STATE_DICT":
+            assert sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+                "__0_0.distcp", "__1_0.distcp"]
+            assert not (checkpoint / "pytorch_model_fsdp.bin").exists()
+        else:
+            assert (checkpoint / "pytorch_model_fsdp.bin").is_file()
+        assert (checkpoint / "adapter_config.json").is_file() and _adapter(checkpoint).keys() == final.keys()
+    last = _adapter(run / "checkpoints" / "checkpoint-3")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(run / "adapter"))
+    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+    return final
+
+
+def _resume_from_step_2(run: Path, resumed: Path, args: list[str], launch: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``run`` as if killed after its step-2 checkpoint, copied to ``resumed`` and rerun there with ``args``
+    (which name ``resumed`` as the output folder): it resumes from that checkpoint (accelerate's FSDP load).
+    Returns its final adapter."""
+    import shutil
+
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-3")
+    shutil.rmtree(resumed / "adapter")
+    (resumed / "stages" / "training.json").unlink()
+    _torchrun(WORKERS / "fsdp_on_cpu.py", str(ROOT / "train.py"), *args, env=launch)
+    assert json.loads((resumed / "stages" / "training.json").read_text())["summary"]["resumed_from"] == "2"
+    return _adapter(resumed / "adapter")
+
+
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_fsdp2_checkpoints_hold_the_adapter_and_resume_exactly(tiny_model_dir, tmp_path, state_dict_type):
+    """fsdp.yaml's environment on 2 CPU processes with accelerate's FSDP really on (the worker lifts its
+    GPU-only check): the LoRA weights are DTensors, checkpoints and the final folder hold the whole adapter,
+    which matches one process's, and a run resumed from the step-2 checkpoint ends bit-equal."""
+    import shutil
+
+    launch = _fsdp_launch(state_dict_type)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT / "src")}
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = tiny_run_args(tiny_model_dir, two)  # 3 steps, a checkpoint at steps 2 and 3
+    for stage in ("problems", "rollouts"):
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--stage", stage], env=env, check=True,
+                       capture_output=True)
+    give_mixed_rewards(two / "rollouts.jsonl")
+    shutil.copytree(two, one)
+    _torchrun(WORKERS / "fsdp_on_cpu.py", str(ROOT / "train.py"), *args, env=launch)
+    final = _check_fsdp_run(two, tiny_model_dir, state_dict_type)
+
+    # One process, same stored rollouts and scores: FSDP's bf16 compute against autocast's.
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_run_args(tiny_model_dir, one)], env=env, check=True,
+                   capture_output=True)
+    reference = _adapter(one / "adapter")
+    diff = sum(((final[k].float() - reference[k].float()) ** 2).sum() for k in final) ** 0.5
+    relative = float(diff / sum((reference[k].float() ** 2).sum() for k in final) ** 0.5)
+    print(f"FSDP2 {state_dict_type}: adapter relative difference from one process {relative:.2e}")
+    assert final.keys() == reference.keys() and relative < 1e-3
+    # Both processes scored with the real weights (fsdp.yaml loads with cpu_ram_efficient_loading).
+    shards = sorted(p.name for p in (one / "scores").glob("shard-*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (two / "scores").glob("shard-*.safetensors"))
+    assert all((one / "scores" / s).read_bytes() == (two / "scores" / s).read_bytes() for s in shards)
+
+    resumed = tmp_path / "resumed"
+    again = _resume_from_step_2(two, resumed, tiny_run_args(tiny_model_dir, resumed), launch)
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_online_method_under_fsdp2_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """method online (TRL's GRPOTrainer, gated) under fsdp.yaml as shipped, FSDP really on: it samples
+    through the sharded model, saves sharded checkpoints with the whole adapter, and a run resumed from
+    the step-2 checkpoint samples and trains to the same adapter, bit for bit."""
+    launch = _fsdp_launch("SHARDED_STATE_DICT")
+    run = tmp_path / "run"
+    args = ["--no-progress", "--method", "online", "--model.name_or_path", str(tiny_model_dir),
+            "--data.num_train", "8", "--data.num_heldout", "4", "--rollout.num_samples", "4",
+            "--rollout.max_new_tokens", "8", "--training.per_device_train_batch_size", "4",
+            "--training.max_steps", "3", "--training.save_steps", "2", "--training.learning_rate", "0.05",
+            "--grpo.gradient_checkpointing", "false", "--reward.function", "online_steps:odd_token_reward"]
+    _torchrun(WORKERS / "fsdp_on_cpu.py", str(ROOT / "train.py"), *args, "--output_dir", str(run), env=launch)
+    final = _check_fsdp_run(run, tiny_model_dir, "SHARDED_STATE_DICT")
+    resumed = tmp_path / "resumed"
+    again = _resume_from_step_2(run, resumed, [*args, "--output_dir", str(resumed)], launch)
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+
+
 def test_policy_statistics_under_fsdp2_equal_the_unsharded_ones(tiny_model_dir):
     """FSDP2 (torch's fully_shard, per decoder layer and root) on 2 processes: the LM head is a sharded
     DTensor, so the fused head steps aside and the statistics run through the module, equal to the

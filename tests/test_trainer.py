@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from reasonmaxxer.config.loading import load_config
 from reasonmaxxer.errors import TrainingDivergedError
 from reasonmaxxer.stages.scoring import score_batch
-from reasonmaxxer.training.trainer import build_trainer, last_complete_checkpoint
+from reasonmaxxer.training.trainer import build_trainer, fsdp_save_problem, last_complete_checkpoint
 from reasonmaxxer.utils.sequences import pack_batch
 
 
@@ -524,3 +524,21 @@ def test_public_trainer_trains_evaluates_and_needs_an_adapter(tiny_model_dir, tm
 
         rm.ForkGatedTrainer(str(tiny_model_dir), SFTConfig(str(tmp_path / "x"), use_cpu=True),
                             train_dataset=datasets.Dataset.from_list(rows))
+
+
+@pytest.mark.parametrize(("version", "state_dict_type", "refused"), [
+    (1, "SHARDED_STATE_DICT", True), (1, "LOCAL_STATE_DICT", True), (1, "FULL_STATE_DICT", False),
+    (2, "SHARDED_STATE_DICT", False), (2, "FULL_STATE_DICT", False),
+])
+def test_an_fsdp_setup_that_would_save_no_adapter_is_refused_in_one_line(version, state_dict_type, refused):
+    """transformers saves an FSDP1 model only with a full state dict; FSDP2 saves the adapter itself
+    (tests/test_distributed.py runs it). accelerate's own plugin objects, as its launcher builds them."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=version, state_dict_type=state_dict_type)
+    problem = fsdp_save_problem(plugin)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith(f"fsdp_state_dict_type: {state_dict_type} with fsdp_version 1 saves no adapter")
+        assert "\n" not in problem
+    assert fsdp_save_problem(None) is None  # not FSDP

@@ -135,3 +135,29 @@ def tiny_run_args(model_dir: str | Path, run_dir: str | Path, *extra: str) -> li
         "--training.save_steps", "2",
         *extra,
     ]
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on CPU processes (gloo), for tests and benchmarks.
+
+    accelerate 1.16 turns ``ACCELERATE_USE_FSDP`` into FSDP only for GPU-like distributed
+    types, so on CPU processes the Trainer runs DDP. This lifts that one check, before the
+    Trainer builds its accelerator, by presenting the CPU launch to it as a multi-device
+    one; everything after is accelerate's and torch's real FSDP2 (wrapping, mixed
+    precision, state dicts, distributed checkpoints). Call it once, before the Trainer.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+    if getattr(init, "allows_fsdp_on_cpu", False):
+        return
+
+    def lifted(self, *args, **kwargs):
+        if not AcceleratorState._shared_state and PartialState._shared_state.get(
+                "distributed_type") == DistributedType.MULTI_CPU:
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # read by the FSDP branch
+        init(self, *args, **kwargs)
+
+    lifted.allows_fsdp_on_cpu = True
+    AcceleratorState.__init__ = lifted

@@ -37,7 +37,7 @@ from ..utils.flops import ComputeLedger, base_parameter_count
 from ..utils.storage import atomic_write_json, read_json
 from .compat import divide_loss_by_accumulation, sync_colocated_vllm_on_cpu
 from .configs import ForkGatedGRPOConfig
-from .trainer import FiniteAdapterCheck, ForkGatedLoss, NamedBaseModelCard, launch_mismatch
+from .trainer import FiniteAdapterCheck, ForkGatedLoss, FsdpAdapterSave, NamedBaseModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def ledger_entry(ledger: ComputeLedger) -> dict[str, Any]:
     return {k: d[k] for k in _LEDGER_KEYS}
 
 
-class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
+class ComputeCountingGRPOTrainer(NamedBaseModelCard, FsdpAdapterSave, GRPOTrainer):
     """TRL's GRPOTrainer that counts its compute and writes ``<run_dir>/compute.json``
     (``run_dir`` defaults to ``args.output_dir``).
 
@@ -96,8 +96,7 @@ class ComputeCountingGRPOTrainer(NamedBaseModelCard, GRPOTrainer):
         super().__init__(*args, **kwargs)
         sync_colocated_vllm_on_cpu(self)
         self.run_dir = Path(run_dir if run_dir is not None else self.args.output_dir)
-        if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
-            logger.warning("%s", mismatch)
+        self.check_launch()
         # Totals (all processes) at the checkpoint this run resumed from; N is the base's parameters.
         self._resumed = ComputeLedger(base_parameter_count(self.accelerator.unwrap_model(self.model)))
 

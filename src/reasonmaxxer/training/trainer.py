@@ -188,7 +188,54 @@ class NamedBaseModelCard:
             config._name_or_path = saved
 
 
-class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
+def gathered_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of ``model`` whole and on the CPU, keyed as ``named_parameters``.
+
+    An FSDP2 parameter is a DTensor of which this process holds one shard; ``full_tensor``
+    gathers it from every process, so every process must call this, in the same order.
+    Only the trainable tensors travel (a LoRA adapter: megabytes), never the frozen base.
+    """
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            tensor = param.detach()
+            state[name] = (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).cpu()
+    return state
+
+
+class FsdpAdapterSave:
+    """A mixin for a Trainer of a PEFT model: under FSDP, ``save_model`` writes the full adapter.
+
+    transformers saves a model under FSDP only with ``FULL_STATE_DICT``, and then gathers
+    every weight, the frozen base included, onto the first process (15 GB for a 7B base, at
+    every checkpoint). With ``SHARDED_STATE_DICT`` it writes no adapter at all, neither in a
+    checkpoint nor at the end. Under FSDP2 the adapter alone is gathered here and saved in
+    PEFT format in both cases; each checkpoint still holds accelerate's state for resuming
+    (``pytorch_model_fsdp_0/`` and ``optimizer_0/``, one file per process when sharded).
+    """
+
+    def check_launch(self) -> None:
+        """Once the Trainer is built: say in one line when the launch asked for a strategy the trainer does
+        not run, and refuse an FSDP setup under which no adapter could be saved."""
+        if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
+            logger.warning("%s", mismatch)
+        if problem := fsdp_save_problem(getattr(self.accelerator.state, "fsdp_plugin", None)):
+            raise ConfigError(problem)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        import peft
+
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        # FSDP1 saves through transformers, with a full state dict (check_launch refused the others).
+        if not (fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2 and isinstance(self.model, peft.PeftModel)):
+            return super().save_model(output_dir, _internal_call)
+        state_dict = gathered_trainable_state_dict(self.model)
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, FsdpAdapterSave, SFTTrainer):
     """TRL's SFTTrainer whose loss pushes gradient only through the base's forks, anchored by KL elsewhere.
 
     Trains a LoRA adapter (``peft_config``, or a ``PeftModel``) on rollouts you already
@@ -265,8 +312,7 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, SFTTrainer):
             peft_config=peft_config, callbacks=[FiniteAdapterCheck(), *(callbacks or [])], optimizers=optimizers,
         )
         divide_loss_by_accumulation(self)
-        if (mismatch := launch_mismatch(self.accelerator)) and self.accelerator.is_main_process:
-            logger.warning("%s", mismatch)
+        self.check_launch()
         if not hasattr(self.accelerator.unwrap_model(self.model), "disable_adapter"):
             raise ConfigError("peft_config: ForkGatedTrainer trains a LoRA adapter (pass a peft.LoraConfig or a "
                               "PeftModel): the base it anchors to is the model with its adapter disabled")
@@ -498,6 +544,22 @@ def launch_mismatch(accelerator: Any) -> str | None:
     return (f"the launch asked for {asked[0]} but the trainer runs {runs} over {accelerator.num_processes} "
             f"process(es): accelerate enables {asked[0]} only on GPUs and other accelerators, so every process "
             "holds the whole model")
+
+
+def fsdp_save_problem(fsdp_plugin: Any) -> str | None:
+    """Why no adapter could be saved under ``fsdp_plugin`` (accelerate's), or None.
+
+    FSDP2 saves through ``FsdpAdapterSave`` with any state dict type. Under FSDP1 the
+    Trainer saves a model only with ``FULL_STATE_DICT``; with a sharded or local one it
+    writes no adapter, in checkpoints or at the end, and the run would lose its result.
+    """
+    if fsdp_plugin is None or fsdp_plugin.fsdp_version == 2:
+        return None
+    kind = str(fsdp_plugin.state_dict_type).rsplit(".", 1)[-1]
+    if kind == "FULL_STATE_DICT":
+        return None
+    return (f"fsdp_state_dict_type: {kind} with fsdp_version 1 saves no adapter (transformers saves an FSDP1 model "
+            "only as FULL_STATE_DICT); use fsdp_version: 2 as configs/accelerate/fsdp.yaml does, or FULL_STATE_DICT")
 
 
 def describe_parallelism(trainer: Any) -> dict[str, Any]:
