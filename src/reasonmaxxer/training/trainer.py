@@ -204,7 +204,8 @@ def gathered_trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Ten
 
 
 class FsdpAdapterSave:
-    """A mixin for a Trainer of a PEFT model: under FSDP, ``save_model`` writes the full adapter.
+    """A mixin for a Trainer of a PEFT model: ``check_launch`` once it is built; under FSDP2,
+    ``save_model`` writes the whole adapter.
 
     transformers saves a model under FSDP only with ``FULL_STATE_DICT``, and then gathers
     every weight, the frozen base included, onto the first process (15 GB for a 7B base, at
