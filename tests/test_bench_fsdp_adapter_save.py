@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import fsdp2_on_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(torch.cpu.Stream(), "record_event"), reason="this torch's FSDP2 does not run on CPU")
+@fsdp2_on_cpu
 def test_both_saves_write_the_same_adapter_and_only_transformers_gathers_the_base(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src")}

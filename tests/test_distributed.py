@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import give_mixed_rewards
+from helpers import fsdp2_on_cpu, give_mixed_rewards
 
 from reasonmaxxer.core.gate import fork_mask, quantile_threshold
 from reasonmaxxer.testing import tiny_run_args
@@ -21,10 +21,6 @@ sys.path.insert(0, str(WORKERS))
 from quantile_gate import shared_batch  # noqa: E402
 
 pytestmark = pytest.mark.slow
-# FSDP2's forward on CPU records events on the CPU stream, which torch 2.6 lacks (its fully_shard runs on
-# accelerators only: "'Stream' object has no attribute 'record_event'"); torch 2.13 and 2.14 run it here.
-fsdp2_on_cpu = pytest.mark.skipif(not hasattr(torch.cpu.Stream(), "record_event"),
-                                  reason="this torch's FSDP2 does not run on CPU processes")
 
 
 def _torchrun(script: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None, full: bool = False):
@@ -162,9 +158,13 @@ def test_online_trainer_under_torchrun_gates_and_advantages_over_both_processes(
     assert ranks[0]["compute"]["trained_tokens"] > completion_tokens  # prompts + completions, both processes
 
 
-def test_public_trainer_scores_and_trains_on_two_processes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun", "fsdp.yaml"])
+def test_public_trainer_scores_and_trains_on_two_processes(tiny_model_dir, tmp_path, launch):
     """examples/train_on_rollouts.py under torchrun: each process scores its share of the base
-    scores, which equal one process's, and the adapter trains and saves once."""
+    scores, which equal one process's, and the adapter trains and saves once. With fsdp.yaml's
+    environment (cpu_ram_efficient_loading) the trainer is given the model by name and loads it
+    after the process group exists, where transformers 5.16 leaves zeros outside process 0: it
+    gives every process process 0's weights before its base pass."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -177,12 +177,15 @@ def test_public_trainer_scores_and_trains_on_two_processes(tiny_model_dir, tmp_p
             {"role": "assistant", "content": f"It is {2 * i + 3 + j}." * (1 + j)}]} for j in range(4)]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    script = ROOT / "examples" / "train_on_rollouts.py"
     runs = {}
     for nproc in (1, 2):
         out_dir = tmp_path / f"p{nproc}"
-        out = _torchrun(script, "--model", str(tiny_model_dir), "--data", str(data), "--output_dir", str(out_dir),
-                        "--max_steps", "2", "--tau", "4.0", nproc=nproc)
+        if launch == "fsdp.yaml":
+            out = _torchrun(WORKERS / "public_trainer_by_name.py", str(tiny_model_dir), str(data), str(out_dir),
+                            nproc=nproc, env=_launch_env(ROOT / "configs" / "accelerate" / "fsdp.yaml"))
+        else:
+            out = _torchrun(ROOT / "examples" / "train_on_rollouts.py", "--model", str(tiny_model_dir), "--data",
+                            str(data), "--output_dir", str(out_dir), "--max_steps", "2", "--tau", "4.0", nproc=nproc)
         assert out.count("24 rollouts, 2 steps") == nproc
         (folder,) = (out_dir / "base_scores").iterdir()
         runs[nproc] = load_scores(folder)

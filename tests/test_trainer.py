@@ -542,3 +542,15 @@ def test_an_fsdp_setup_that_would_save_no_adapter_is_refused_in_one_line(version
         assert problem.startswith(f"fsdp_state_dict_type: {state_dict_type} with fsdp_version 1 saves no adapter")
         assert "\n" not in problem
     assert fsdp_save_problem(None) is None  # not FSDP
+
+
+def test_the_adapter_starts_from_the_seed_whatever_ran_before(tiny_model_dir, tmp_path):
+    """The LoRA A matrices are random: two trainers with one seed start from the same adapter even when
+    different work drew from the generators first (TRL before 1.16 did not seed before creating it)."""
+    starts = []
+    for draws in (0, 7):
+        torch.rand(draws)
+        trainer = _public_trainer(tiny_model_dir, tmp_path / str(draws), _user_rows())
+        starts.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n})
+    assert starts[0].keys() == starts[1].keys() and starts[0]
+    assert all(torch.equal(starts[0][n], starts[1][n]) for n in starts[0])

@@ -393,6 +393,9 @@ def load_model(
     resolved = resolve_model_path(path)
     if Path(resolved).is_dir() and not any(Path(resolved).glob("*.safetensors")):
         raise ConfigError(f"model.name_or_path: no *.safetensors weights in '{path}' (only safetensors are accepted)")
+    # Every process reads the weights itself: with FSDP's cpu_ram_efficient_loading transformers
+    # would load them in the first process only, and the others would sample and score with zeros.
+    efficient_loading = os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,
@@ -402,6 +405,9 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise _load_error(path, resolved, "a model", exc) from None
+    finally:
+        if efficient_loading is not None:  # accelerate reads it again when the Trainer wraps the model
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient_loading
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and gen.eos_token_id is not None:
         eos = gen.eos_token_id

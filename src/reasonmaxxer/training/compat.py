@@ -31,6 +31,17 @@ def divide_loss_by_accumulation(trainer: Any) -> None:
         trainer.compute_loss_func = None  # our compute_loss never reads it
 
 
+def seed_before_adapter_init(seed: int) -> None:
+    """Seed every generator before the trainer creates the LoRA adapter (its A matrices are random).
+
+    TRL 1.16's SFT and GRPO trainers do this themselves; before that they create the
+    adapter with whatever the generators hold, which depends on what ran first (the
+    rollouts, scoring, the number of processes), so one seed gave different adapters.
+    Call it before the trainer's ``__init__``; under TRL 1.16 its own call then repeats it.
+    """
+    transformers.set_seed(seed)
+
+
 def sync_colocated_vllm_on_cpu(trainer: Any) -> None:
     """TRL's colocated vLLM (``use_vllm``, ``vllm_mode: colocate``) on a CPU: reload the weights.
 

@@ -21,6 +21,7 @@ Tested on TRL 1.5 to 1.16 (GRPOTrainer; differences in training/compat.py). What
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from ..errors import ConfigError
 from ..models.forward import base_token_stats, policy_token_stats
 from ..utils.flops import ComputeLedger, base_parameter_count
 from ..utils.storage import atomic_write_json, read_json
-from .compat import divide_loss_by_accumulation, sync_colocated_vllm_on_cpu
+from .compat import divide_loss_by_accumulation, seed_before_adapter_init, sync_colocated_vllm_on_cpu
 from .configs import ForkGatedGRPOConfig
 from .trainer import FiniteAdapterCheck, ForkGatedLoss, FsdpAdapterSave, NamedBaseModelCard
 
@@ -93,6 +94,9 @@ class ComputeCountingGRPOTrainer(NamedBaseModelCard, FsdpAdapterSave, GRPOTraine
         self._host_counts = [0, 0]  # this process: forward, trained tokens since this run started
         self._device_counts: list[torch.Tensor] = []  # (2,) increments not read yet: no host sync per micro-batch
         self._wall_start: float | None = None
+        grpo_args = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments.get("args")
+        if grpo_args is not None:  # TRL's default config seeds itself
+            seed_before_adapter_init(grpo_args.seed)
         super().__init__(*args, **kwargs)
         sync_colocated_vllm_on_cpu(self)
         self.run_dir = Path(run_dir if run_dir is not None else self.args.output_dir)

@@ -38,7 +38,7 @@ from ..stages.rollouts import RolloutReward
 from ..stages.scoring import LazyScores, score_rollouts
 from ..utils import distributed as dist
 from ..utils.storage import atomic_write_json
-from .compat import divide_loss_by_accumulation
+from .compat import divide_loss_by_accumulation, seed_before_adapter_init
 from .configs import ForkGatedConfig, fork_gated_kwargs
 from .dataset import ForkCollator, fork_dataset, prepare_fork_dataset, rollouts_fingerprint
 from .heldout_eval import HeldoutEval
@@ -307,6 +307,7 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, FsdpAdapterSave, SFTTr
             if base_scores is None and not scored:  # scored with the training rows: indices after theirs
                 offset = len(train_dataset)
                 eval_dataset = eval_dataset.map(lambda r: {"rollout_index": r["rollout_index"] + offset})
+        seed_before_adapter_init(args.seed)
         super().__init__(
             model=model, args=args, data_collator=ForkCollator(processing_class.pad_token_id, base_scores),
             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
@@ -354,6 +355,8 @@ class ForkGatedTrainer(ForkGatedLoss, NamedBaseModelCard, FsdpAdapterSave, SFTTr
         was_training = model.training
         model.eval()
         whole: Any = contextlib.nullcontext()
+        if dist.weights_on_first_process_only():  # a model the caller loaded: the others may hold zeros
+            dist.broadcast_from_first_process([*base.parameters(), *base.buffers()])
         if any(hasattr(p, "ds_tensor") for p in model.parameters()):
             import deepspeed
 

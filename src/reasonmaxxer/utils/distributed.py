@@ -36,6 +36,36 @@ def asked_for_more_processes() -> str | None:
     return None
 
 
+def weights_on_first_process_only() -> bool:
+    """Whether transformers loads real weights in the first process of each node only.
+
+    accelerate's FSDP ``cpu_ram_efficient_loading`` (``FSDP_CPU_RAM_EFFICIENT_LOADING``,
+    on in configs/accelerate/fsdp.yaml) makes ``from_pretrained`` skip the checkpoint in
+    the other processes: FSDP sends them the weights when the Trainer wraps the model.
+    Some transformers releases (5.16) then leave zeros there, so anything that runs the
+    model before that (rollouts, the base's scores) must not use those weights.
+    """
+    import torch.distributed as torch_dist
+
+    return (world_size() > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+            and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true"))
+
+
+def broadcast_from_first_process(tensors: Any) -> None:
+    """Overwrite every tensor in place with process 0's copy; every process calls this, in the
+    same order. A CPU tensor travels through this process's GPU when the group is nccl only."""
+    import torch
+    import torch.distributed as torch_dist
+
+    via_gpu = "gloo" not in str(torch_dist.get_backend()) and torch.cuda.is_available()
+    for tensor in tensors:
+        buffer = tensor.data.to(f"cuda:{torch.cuda.current_device()}") if via_gpu else tensor.data
+        torch_dist.broadcast(buffer, src=0)
+        if buffer is not tensor.data:
+            tensor.data.copy_(buffer)
+
+
 DEFAULT_TIMEOUT_S = 1800  # transformers' ddp_timeout default
 
 
